@@ -1,0 +1,56 @@
+# NodeFoundry: `make run` starts the server on embedded defaults, `make test` runs every test.
+# Both call `make setup`, which installs what they need (Debian packages, a Python venv) and is idempotent.
+
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+PYTHON ?= python3
+DEB_PACKAGES := python3-venv python3-dev gcc debconf dash busybox sqlite3 curl \
+	debian-installer-12-netboot-amd64 debian-installer-12-netboot-arm64 ipxe \
+	mosquitto mosquitto-clients udhcpc isc-dhcp-client qemu-system-x86 ipxe-qemu ovmf \
+	wrk nginx-light psmisc iproute2
+STAMP := $(VENV)/.setup-stamp
+
+.PHONY: setup run test lint format bench collection clean
+
+setup: debian-packages $(STAMP)
+
+debian-packages:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "make setup: installing Debian packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+		systemctl disable --now nginx mosquitto >/dev/null 2>&1 || true; \
+	fi
+
+$(STAMP): server/pyproject.toml requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e server -r requirements-dev.txt
+	touch $@
+
+run: setup
+	@mkdir -p data
+	@test -d data/assets/debian-installer/amd64 || $(BIN)/nodefoundry-server assets import
+	$(BIN)/nodefoundry-server run
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/pytest
+
+bench: setup
+	$(BIN)/python bench/http_bench.py
+
+collection: setup
+	rm -rf build/collection && mkdir -p build/collection
+	$(BIN)/ansible-galaxy collection build --force --output-path build/collection .
+
+clean:
+	rm -rf build .pytest_cache

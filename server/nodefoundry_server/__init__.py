@@ -1,0 +1,3 @@
+"""NodeFoundry provisioning server."""
+
+__version__ = "0.1.0"

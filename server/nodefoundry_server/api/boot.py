@@ -1,0 +1,196 @@
+"""The boot path: iPXE scripts, the preseed, installer callbacks, downloads.
+
+Nodes cannot carry an API token here. Boot scripts need none and contain no
+secret except, for a node that is installing, its install token, which only
+opens that install's preseed and callbacks and dies when the install ends.
+With ``install_token_bind_ip`` the install is also pinned to one address.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flask import Blueprint, Response, request, send_from_directory
+
+from .. import auth, boot, lifecycle, validate
+from ..boot import IPXE_ARCH_TO_DEBIAN, Urls
+from ..validate import InvalidValue
+from .common import ApiError, config, store
+
+blueprint = Blueprint("boot", __name__)
+
+AGENT_FILES = {
+    "nodefoundry-agent": ("nodefoundry-agent.pyz", "application/octet-stream"),
+    "nodefoundry-agent.service": ("nodefoundry-agent.service", "text/plain"),
+}
+
+
+def _text(body: str) -> Response:
+    return Response(body, mimetype="text/plain")
+
+
+def _urls() -> Urls:
+    """Base URL for generated links: NF_SERVER_ADDR, else the Host the node used."""
+    host = config().server_addr or request.host
+    try:
+        validate.host_port(host, "Host header", 80)
+    except InvalidValue as exc:
+        raise ApiError(400, str(exc)) from None
+    return Urls(f"http://{host}")
+
+
+def _mac(raw: str) -> str:
+    try:
+        return validate.mac(raw)
+    except InvalidValue as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+def _node_script(mac: str) -> str | None:
+    node = store().get_node(mac)
+    if node is None:
+        return None
+    cfg, urls = config(), _urls()
+    if node["status"] == "installed":
+        return boot.installed_script(mac)
+    if node["status"] != "installing":
+        return boot.wait_script(urls.boot(mac), mac, cfg.boot_poll_interval, "discovered")
+    token = _install_token(mac)
+    if token is None:
+        return boot.wait_script(urls.boot(mac), mac, cfg.boot_poll_interval, "discovered")
+    return boot.installing_script(cfg, node, urls, token, boot.available_arches(cfg.assets_dir))
+
+
+def _install_token(mac: str) -> str | None:
+    """The token to embed, or None when the requester is not the pinned address."""
+    found = lifecycle.installing_nonce(store(), mac)
+    if found is None:
+        return None
+    nonce, pinned = found
+    if config().install_token_bind_ip:
+        owner = pinned or lifecycle.pin_install_ip(store(), mac, _pin_address(mac))
+        if owner != request.remote_addr:
+            return None
+    return auth.install_token(store(), mac, nonce)
+
+
+def _pin_address(mac: str) -> str:
+    """A node with a static address owns its install from there; others from where they boot."""
+    node = store().get_node(mac) or {}
+    return node.get("ip") or request.remote_addr or ""
+
+
+@blueprint.get("/boot/<mac>/boot.ipxe")
+def node_script(mac: str) -> Response:
+    script = _node_script(_mac(mac))
+    if script is None:
+        raise ApiError(404, "node not found")
+    return _text(script)
+
+
+@blueprint.get("/boot.ipxe")
+def entry_script() -> Response:
+    """Without ``mac``: a script that asks again with iPXE's own MAC; with it, the node's script."""
+    raw = request.args.get("mac")
+    if raw is None:
+        return _text(boot.entry_script(_urls()))
+    mac = _mac(raw)
+    if config().auto_register:
+        lifecycle.register_if_new(store(), mac, _boot_facts(), source="boot")
+    script = _node_script(mac)
+    if script is None:
+        poll_url = f"{_urls().entry()}?mac={mac}"
+        script = boot.wait_script(poll_url, mac, config().boot_poll_interval, "unregistered")
+    return _text(script)
+
+
+def _boot_facts() -> dict[str, object]:
+    """What iPXE told us about itself, validated; unknown values are left out."""
+    facts: dict[str, object] = {}
+    arch = IPXE_ARCH_TO_DEBIAN.get(request.args.get("arch", ""))
+    if arch:
+        facts["arch"] = arch
+    platform = request.args.get("platform", "")
+    if platform in ("pcbios", "efi"):
+        facts["facts"] = (
+            {"platform": platform, "ipxe_buildarch": request.args["arch"]} if arch else {"platform": platform}
+        )
+    return facts
+
+
+def _installing_mac(mac: str) -> str:
+    """Check the install token (and pinned address); 404 for unknown, 403 otherwise."""
+    mac = _mac(mac)
+    found = lifecycle.installing_nonce(store(), mac)
+    token = request.args.get("token", "")
+    if found is None:
+        if store().get_node_row(mac) is None:
+            raise ApiError(404, "node not found")
+        raise ApiError(403, "invalid or expired install token")
+    nonce, pinned = found
+    if not token or not auth.install_token_valid(store(), mac, nonce, token):
+        raise ApiError(403, "invalid or expired install token")
+    if config().install_token_bind_ip and pinned and pinned != request.remote_addr:
+        raise ApiError(403, "install token is bound to another address")
+    return mac
+
+
+@blueprint.get("/preseed/<mac>/preseed.cfg")
+def preseed(mac: str) -> Response:
+    mac = _installing_mac(mac)
+    node = dict(store().get_node(mac) or {})
+    try:
+        node.update(_network_overrides())
+    except InvalidValue as exc:
+        raise ApiError(400, str(exc)) from None
+    try:
+        lifecycle.installer_report(store(), mac, "progress", phase="preseed-fetched", detail=None)
+    except lifecycle.TransitionRefused as exc:
+        raise ApiError(403, str(exc)) from None
+    token = request.args["token"]
+    return _text(boot.preseed(config(), node, _urls(), token))
+
+
+def _network_overrides() -> dict[str, object]:
+    """The seed's ``?ip=&netmask=&gateway=&dns=`` query form, validated."""
+    from ..nodes import EDITABLE, check_network
+
+    overrides = {
+        key: EDITABLE[key](request.args[key]) for key in ("ip", "netmask", "gateway", "dns") if request.args.get(key)
+    }
+    if overrides:
+        check_network(overrides)
+    return overrides
+
+
+@blueprint.post("/installer/<mac>/<event>")
+def installer_callback(mac: str, event: str) -> tuple[str, int]:
+    if event not in lifecycle.INSTALLER_EVENTS:
+        raise ApiError(404, "unknown installer event")
+    mac = _installing_mac(mac)
+    try:
+        phase = validate.phase(request.args["phase"]) if request.args.get("phase") else None
+    except InvalidValue as exc:
+        raise ApiError(400, str(exc)) from None
+    try:
+        lifecycle.installer_report(store(), mac, event, phase=phase, detail={"remote_addr": request.remote_addr})
+    except lifecycle.TransitionRefused as exc:
+        raise ApiError(409, str(exc)) from None
+    return "", 204
+
+
+@blueprint.get("/assets/<path:subpath>")
+def asset(subpath: str) -> Response:
+    """Installer kernels/initrds: streamed by the WSGI server (sendfile), with Range support."""
+    return send_from_directory(Path(config().assets_dir).resolve(), subpath, conditional=True, max_age=3600)
+
+
+@blueprint.get("/agent/<name>")
+def agent_file(name: str) -> Response:
+    if name not in AGENT_FILES:
+        raise ApiError(404, "not found")
+    filename, mimetype = AGENT_FILES[name]
+    directory = Path(config().assets_dir).resolve() / "agent"
+    if not (directory / filename).is_file():
+        raise ApiError(404, "agent not available: put it in the assets directory (agent/)")
+    return send_from_directory(directory, filename, mimetype=mimetype, conditional=True)

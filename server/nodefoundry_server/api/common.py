@@ -1,0 +1,39 @@
+"""Shared by the blueprints: the error shape ``{"error": ...}``, the JSON body, the app context."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Response, current_app, jsonify, request
+
+from ..config import Config
+from ..store import Store
+
+
+class ApiError(Exception):
+    """Raise from a view to answer ``status`` with ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def json_error(status: int, message: str) -> tuple[Response, int]:
+    return jsonify(error=message), status
+
+
+def json_body() -> dict[str, Any]:
+    """The request's JSON object, or 400 ``invalid request body``."""
+    body = request.get_json(silent=True, force=True)
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid request body")
+    return body
+
+
+def config() -> Config:
+    return current_app.extensions["nodefoundry"]["config"]
+
+
+def store() -> Store:
+    return current_app.extensions["nodefoundry"]["store"]

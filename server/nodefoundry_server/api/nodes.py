@@ -1,0 +1,188 @@
+"""REST API under /api/v1: nodes, their events, bulk install. Bearer-token auth."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, g, jsonify, request, url_for
+
+from .. import auth, lifecycle, nodes, validate
+from ..lifecycle import LifecycleError, NodeExists, NodeNotFound
+from ..validate import InvalidValue
+from .common import ApiError, config, json_body, store
+
+blueprint = Blueprint("nodes", __name__, url_prefix="/api/v1")
+
+READ_METHODS = ("GET", "HEAD", "OPTIONS")
+MAX_BULK = 10000
+ACTIONS = ("install", "reinstall")
+
+
+@blueprint.before_request
+def _authenticate() -> None:
+    if request.endpoint == "nodes.openapi":
+        return
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    principal = auth.authenticate(store(), token.strip(), config().api_token) if scheme.lower() == "bearer" else None
+    if principal is None:
+        raise ApiError(401, "missing or invalid token")
+    if request.method not in READ_METHODS and not principal.can_write:
+        raise ApiError(403, "read-only token cannot change anything")
+    g.principal = principal
+
+
+@blueprint.after_request
+def _challenge(response: Response) -> Response:
+    if response.status_code == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="nodefoundry"'
+    return response
+
+
+def _actor() -> str:
+    return g.principal.name
+
+
+def _mac(raw: str) -> str:
+    try:
+        return validate.mac(raw)
+    except InvalidValue as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+def _int_arg(name: str, default: int | None, low: int, high: int) -> int | None:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise ApiError(400, f"invalid {name}: an integer from {low} to {high}")
+    return int(raw)
+
+
+@blueprint.get("/nodes")
+def list_nodes() -> Response:
+    try:
+        wanted = lifecycle.statuses(",".join(request.args.getlist("status")).split(","))
+    except LifecycleError as exc:
+        raise ApiError(400, str(exc)) from None
+    limit = _int_arg("limit", None, 1, 100000)
+    offset = _int_arg("offset", 0, 0, 10**9) or 0
+    found, total = store().list_nodes(wanted, limit, offset)
+    response = jsonify(found)
+    response.headers["X-Total-Count"] = str(total)
+    return response
+
+
+@blueprint.post("/nodes")
+def create_node() -> tuple[Response, int, dict[str, str]]:
+    body = json_body()
+    mac = _mac(body.get("mac"))  # type: ignore[arg-type]
+    try:
+        fields = nodes.parse_fields({k: v for k, v in body.items() if k != "mac"}, config().profiles)
+        fields = {key: value for key, value in fields.items() if value is not None}
+        nodes.check_network(fields)
+        node = lifecycle.register(store(), mac, fields, source="api", actor=_actor())
+    except InvalidValue as exc:
+        raise ApiError(400, str(exc)) from None
+    except NodeExists as exc:
+        raise ApiError(409, str(exc)) from None
+    return jsonify(node), 201, {"Location": url_for("nodes.get_node", mac=mac)}
+
+
+@blueprint.get("/nodes/<mac>")
+def get_node(mac: str) -> Response:
+    node = store().get_node(_mac(mac))
+    if node is None:
+        raise ApiError(404, "node not found")
+    return jsonify(node)
+
+
+@blueprint.patch("/nodes/<mac>")
+def patch_node(mac: str) -> Response:
+    mac = _mac(mac)
+    body = json_body()
+    try:
+        fields = nodes.parse_fields(body, config().profiles)
+        return jsonify(nodes.update(store(), mac, fields, source="api", actor=_actor()))
+    except InvalidValue as exc:
+        raise ApiError(400, str(exc)) from None
+    except NodeNotFound as exc:
+        raise ApiError(404, str(exc)) from None
+
+
+@blueprint.delete("/nodes/<mac>")
+def delete_node(mac: str) -> tuple[str, int]:
+    try:
+        nodes.delete(store(), _mac(mac), source="api", actor=_actor())
+    except NodeNotFound as exc:
+        raise ApiError(404, str(exc)) from None
+    return "", 204
+
+
+@blueprint.put("/nodes/<mac>")
+def act_on_node(mac: str) -> Response:
+    """Seed-compatible action endpoint: ``{"action": "install" | "reinstall"}``."""
+    mac = _mac(mac)
+    body = json_body()
+    action = body.get("action")
+    if not isinstance(action, str) or not action:
+        raise ApiError(400, "invalid request body")
+    if action not in ACTIONS:
+        raise ApiError(400, "unknown action")
+    try:
+        return jsonify(lifecycle.start_install(store(), mac, action, source="api", actor=_actor()))
+    except NodeNotFound as exc:
+        raise ApiError(404, str(exc)) from None
+    except LifecycleError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+@blueprint.post("/nodes/bulk")
+def bulk_action() -> Response:
+    """Install or reinstall many nodes in one transaction; one result per MAC."""
+    body = json_body()
+    action, macs, dry_run = body.get("action"), body.get("macs"), body.get("dry_run", False)
+    if action not in ACTIONS:
+        raise ApiError(400, "unknown action")
+    if not isinstance(macs, list) or not isinstance(dry_run, bool):
+        raise ApiError(400, "invalid request body")
+    if len(macs) > MAX_BULK:
+        raise ApiError(400, f"at most {MAX_BULK} MACs per call")
+    results: dict[str, dict[str, Any]] = {}
+    valid: list[str] = []
+    for raw in macs:
+        try:
+            mac = validate.mac(raw)
+        except InvalidValue as exc:
+            results[str(raw)] = {"mac": str(raw), "ok": False, "changed": False, "error": str(exc)}
+            continue
+        if mac not in results:
+            valid.append(mac)
+            results[mac] = {}
+    for outcome in lifecycle.start_install_many(store(), valid, action, source="api", actor=_actor(), dry_run=dry_run):
+        results[outcome.mac] = outcome.json()
+    listed = list(results.values())
+    summary = {
+        "changed": sum(1 for r in listed if r["changed"]),
+        "unchanged": sum(1 for r in listed if r["ok"] and not r["changed"]),
+        "failed": sum(1 for r in listed if not r["ok"]),
+    }
+    return jsonify(action=action, dry_run=dry_run, results=listed, summary=summary)
+
+
+@blueprint.get("/nodes/<mac>/events")
+def node_events(mac: str) -> Response:
+    mac = _mac(mac)
+    limit = _int_arg("limit", 100, 1, 1000) or 100
+    after = _int_arg("after", 0, 0, 2**62) or 0
+    events = store().node_events(mac, limit, after)
+    if not events and after == 0 and store().get_node_row(mac) is None:
+        raise ApiError(404, "node not found")
+    return jsonify(events)
+
+
+@blueprint.get("/openapi.json")
+def openapi() -> Response:
+    from .openapi import document
+
+    return jsonify(document())

@@ -1,0 +1,197 @@
+"""Rendering of iPXE scripts and the Debian preseed from Jinja2 templates.
+
+Values are validated where they enter the system (``validate``); the
+templates still pass every variable through an escaping filter (``ipxe``,
+``debconf``, ``sh``) that refuses what cannot be made safe, so a value that
+slipped through would fail the render instead of reaching a script.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from ..config import Config
+
+# iPXE ${buildarch} -> Debian architecture. 32-bit iPXE builds (undionly.kpxe is
+# i386) run on 64-bit PCs, and Debian 12 installs amd64 there.
+IPXE_ARCH_TO_DEBIAN = {"x86_64": "amd64", "i386": "amd64", "arm64": "arm64"}
+DEBIAN_ARCHES = ("amd64", "arm64")
+BASE_PACKAGES = ("openssh-server", "python3", "python3-paho-mqtt", "sudo", "ca-certificates")
+INSTALLER_FILES = ("linux", "initrd.gz")
+
+_IPXE_SAFE = re.compile(r"^[A-Za-z0-9_.,:=/?+%@-]*$")
+
+
+def _ipxe(value: Any) -> str:
+    """iPXE has no quoting: allow only characters with no meaning to its parser."""
+    text = str(value)
+    if not _IPXE_SAFE.match(text):
+        raise ValueError(f"unsafe value for an iPXE script: {text!r}")
+    return text
+
+
+def _debconf(value: Any) -> str:
+    """A debconf value is the rest of one line: no control characters."""
+    text = str(value)
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+        raise ValueError(f"unsafe value for a preseed line: {text!r}")
+    return text
+
+
+def _sh(value: Any) -> str:
+    """Single-quote for POSIX sh; newlines would split the debconf line, so refuse them."""
+    return shlex.quote(_debconf(value))
+
+
+_ENV = jinja2.Environment(
+    loader=jinja2.PackageLoader("nodefoundry_server.boot", "templates"),
+    undefined=jinja2.StrictUndefined,
+    autoescape=False,
+    keep_trailing_newline=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+_ENV.filters.update(ipxe=_ipxe, debconf=_debconf, sh=_sh)
+
+
+def _render(template: str, **context: Any) -> str:
+    return _ENV.get_template(template).render(**context)
+
+
+@dataclass(frozen=True)
+class Urls:
+    """Absolute URLs a node uses, all built from one validated base."""
+
+    base: str  # http://host:port
+
+    def boot(self, mac: str) -> str:
+        return f"{self.base}/boot/{mac}/boot.ipxe"
+
+    def entry(self) -> str:
+        return f"{self.base}/boot.ipxe"
+
+    def asset(self, arch: str, name: str) -> str:
+        return f"{self.base}/assets/debian-installer/{arch}/{name}"
+
+    def preseed(self, mac: str, token: str) -> str:
+        return f"{self.base}/preseed/{mac}/preseed.cfg?token={token}"
+
+    def installer(self, mac: str, event: str, token: str) -> str:
+        return f"{self.base}/installer/{mac}/{event}?token={token}"
+
+    def agent(self, name: str) -> str:
+        return f"{self.base}/agent/{name}"
+
+
+def hyphenated(mac: str) -> str:
+    return "-".join(mac[i : i + 2] for i in range(0, 12, 2))
+
+
+def entry_script(urls: Urls) -> str:
+    return _render("entry.ipxe.j2", entry_url=urls.entry())
+
+
+def wait_script(poll_url: str, mac: str, poll_seconds: int, reason: str) -> str:
+    """A loop that re-fetches ``poll_url`` every ``poll_seconds``; ``reason`` picks the message."""
+    return _render("discovered.ipxe.j2", mac=mac, poll=poll_seconds, boot_url=poll_url, reason=reason)
+
+
+def installed_script(mac: str) -> str:
+    return _render("installed.ipxe.j2", mac=mac)
+
+
+def kernel_args(config: Config, node: Mapping[str, Any], urls: Urls, token: str) -> list[str]:
+    """Arguments for a fully unattended install; static network first, so it applies before the preseed fetch."""
+    settings = config.profile(node.get("profile"))
+    args = [
+        "auto=true",
+        "priority=critical",
+        f"url={urls.preseed(node['mac'], token)}",
+        f"BOOTIF=01-{hyphenated(node['mac'])}",
+        "interface=auto",
+        f"locale={settings['locale']}",
+        f"keymap={settings['keymap']}",
+        f"hostname={node.get('hostname') or 'node-' + node['mac']}",
+        f"domain={config.domain}",
+    ]
+    if node.get("ip") and node.get("netmask"):
+        args += [
+            "netcfg/disable_autoconfig=true",
+            f"netcfg/get_ipaddress={node['ip']}",
+            f"netcfg/get_netmask={node['netmask']}",
+            f"netcfg/get_gateway={node.get('gateway') or 'none'}",
+            "netcfg/confirm_static=true",
+        ]
+        if node.get("dns"):
+            args.append(f"netcfg/get_nameservers={node['dns'][0]}")
+    return args + list(settings["kernel_args"])
+
+
+def installing_script(
+    config: Config, node: Mapping[str, Any], urls: Urls, token: str, available_arches: tuple[str, ...]
+) -> str:
+    return _render(
+        "installing.ipxe.j2",
+        mac=node["mac"],
+        args=kernel_args(config, node, urls, token),
+        arches=[(arch, urls.asset(arch, "linux"), urls.asset(arch, "initrd.gz")) for arch in available_arches],
+        missing=[arch for arch in DEBIAN_ARCHES if arch not in available_arches],
+        poll=config.boot_poll_interval,
+        boot_url=urls.boot(node["mac"]),
+    )
+
+
+def preseed(config: Config, node: Mapping[str, Any], urls: Urls, token: str) -> str:
+    settings = config.profile(node.get("profile"))
+    mac = node["mac"]
+    static = bool(node.get("ip") and node.get("netmask"))
+    packages = list(dict.fromkeys([*BASE_PACKAGES, *settings["extra_packages"]]))
+    mirror_host = config.mirror_url
+    agent_env = {
+        "NF_MAC": mac,
+        "NF_MQTT_BROKER": config.mqtt_broker or urls.base.split("://", 1)[1].rsplit(":", 1)[0] + ":1883",
+        "NF_LOG_LEVEL": config.log_level,
+        "NF_HEARTBEAT_INTERVAL": str(config.agent_heartbeat_interval),
+    }
+    return _render(
+        "preseed.cfg.j2",
+        mac=mac,
+        hostname=node.get("hostname") or f"node-{mac}",
+        domain=config.domain,
+        static=static,
+        ip=node.get("ip", ""),
+        netmask=node.get("netmask", ""),
+        gateway=node.get("gateway", ""),
+        dns=" ".join(node.get("dns") or []),
+        mirror_host=mirror_host,
+        mirror_directory=config.mirror_directory,
+        mirror_proxy=config.mirror_proxy,
+        locale=settings["locale"],
+        keymap=settings["keymap"],
+        timezone=settings["timezone"],
+        disk=settings["disk"],
+        admin_user=config.admin_user,
+        admin_password_hash=config.admin_password_hash,
+        admin_ssh_keys=config.admin_ssh_keys,
+        packages=" ".join(packages),
+        started_url=urls.installer(mac, "started", token),
+        progress_url=urls.installer(mac, "progress", token),
+        finished_url=urls.installer(mac, "finished", token),
+        failed_url=urls.installer(mac, "failed", token),
+        agent_url=urls.agent("nodefoundry-agent"),
+        agent_unit_url=urls.agent("nodefoundry-agent.service"),
+        agent_env=agent_env,
+    )
+
+
+def available_arches(assets_dir: str | Path) -> tuple[str, ...]:
+    """Architectures whose installer kernel and initrd are present."""
+    root = Path(assets_dir) / "debian-installer"
+    return tuple(arch for arch in DEBIAN_ARCHES if all((root / arch / name).is_file() for name in INSTALLER_FILES))

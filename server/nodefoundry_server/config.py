@@ -1,0 +1,279 @@
+"""Server configuration: embedded defaults < YAML file < ``NF_*`` environment.
+
+Every setting has one entry in ``SETTINGS`` (file key, environment variable,
+default, parser). A bad value raises ``ConfigError`` naming the key and the
+reason, which the CLI prints as one line before exiting.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import validate
+from .validate import InvalidValue
+
+
+class ConfigError(Exception):
+    """A configuration value is unusable; str() is one line for the operator."""
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise InvalidValue(f"expected true or false, got {value!r}")
+
+
+def _int_range(low: int, high: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            raise InvalidValue(f"expected an integer, got {value!r}") from None
+        if not low <= number <= high:
+            raise InvalidValue(f"must be between {low} and {high}, got {number}")
+        return number
+
+    return parse
+
+
+def _text(value: Any) -> str:
+    return str(value).strip()
+
+
+def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: parse(value) if str(value).strip() else ""
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise InvalidValue(f"expected one of {', '.join(choices)}, got {value!r}")
+        return text
+
+    return parse
+
+
+def _http_addr(value: Any) -> str:
+    validate.host_port(value, "address", 8080)
+    return str(value)
+
+
+def _server_addr(value: Any) -> str:
+    """host[:port] that nodes use to reach this server; empty = the request's Host."""
+    text = str(value).strip()
+    if text:
+        host, _port = validate.host_port(text, "address", 80)
+        if not host:
+            raise InvalidValue("needs a host that nodes can reach, e.g. 10.0.0.1:8080")
+    return text
+
+
+def _mirror(value: Any) -> str:
+    """A mirror host name (the seed's form) or http://host[:port]; stored as host[:port]."""
+    text = str(value).strip()
+    if text.startswith("http://"):
+        text = text[len("http://") :].split("/", 1)[0]
+    validate.host_port(text, "mirror", 80)
+    return text
+
+
+def _directory(value: Any) -> str:
+    text = str(value).strip()
+    if not text.startswith("/") or not all(ch.isalnum() or ch in "/_.-" for ch in text) or ".." in text:
+        raise InvalidValue(f"expected an absolute path like /debian, got {value!r}")
+    return text
+
+
+def _proxy(value: Any) -> str:
+    text = str(value).strip()
+    if text and not text.startswith("http://"):
+        raise InvalidValue("expected http://host:port or empty")
+    if text:
+        validate.host_port(text[len("http://") :].rstrip("/"), "proxy", 3128)
+    return text
+
+
+def _list_of(parse: Callable[[Any], str]) -> Callable[[Any], list[str]]:
+    def parse_list(value: Any) -> list[str]:
+        items = value if isinstance(value, list) else [i for i in str(value).replace(",", " ").split() if i]
+        return [parse(item) for item in items]
+
+    return parse_list
+
+
+def _ssh_keys(value: Any) -> list[str]:
+    """A YAML list, or from the environment one key per line."""
+    items = value if isinstance(value, list) else [line for line in str(value).splitlines() if line.strip()]
+    return [validate.ssh_key(item) for item in items]
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    env: str
+    default: Any
+    parse: Callable[[Any], Any]
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("http_addr", "NF_HTTP_ADDR", ":8080", _http_addr, "HTTP listen address (host:port)"),
+    Setting("http_workers", "NF_HTTP_WORKERS", 2, _int_range(1, 64), "HTTP worker processes"),
+    Setting("http_threads", "NF_HTTP_THREADS", 16, _int_range(1, 256), "threads per HTTP worker"),
+    Setting("server_addr", "NF_SERVER_ADDR", "", _server_addr, "host:port nodes use to reach the server"),
+    Setting("db_path", "NF_DB_PATH", "./data/nodes.db", _text, "SQLite database file"),
+    Setting("db_synchronous", "NF_DB_SYNCHRONOUS", "full", _choice("full", "normal"), "SQLite synchronous"),
+    Setting("assets_dir", "NF_ASSETS_DIR", "./data/assets", _text, "installer kernels/initrds, agent"),
+    Setting("log_level", "NF_LOG_LEVEL", "info", _choice("debug", "info", "warning", "error"), "log level"),
+    Setting("api_token", "NF_API_TOKEN", "", _text, "admin API token (in addition to stored tokens)"),
+    Setting("max_body_bytes", "NF_MAX_BODY_BYTES", 1048576, _int_range(1024, 67108864), "request body limit"),
+    Setting("auto_register", "NF_AUTO_REGISTER", True, _bool, "register unknown MACs seen at /boot.ipxe"),
+    Setting("boot_poll_interval", "NF_BOOT_POLL_INTERVAL", 5, _int_range(1, 10), "iPXE wait-loop seconds"),
+    Setting("install_timeout", "NF_INSTALL_TIMEOUT", 3600, _int_range(60, 604800), "seconds without progress"),
+    Setting("install_token_bind_ip", "NF_INSTALL_TOKEN_BIND_IP", False, _bool, "pin install URLs to node IP"),
+    Setting("kernel_args", "NF_KERNEL_ARGS", [], _list_of(validate.kernel_arg), "extra installer kernel args"),
+    Setting("mirror_url", "NF_MIRROR_URL", "mirrors.ustc.edu.cn", _mirror, "Debian mirror host"),
+    Setting("mirror_directory", "NF_MIRROR_DIRECTORY", "/debian", _directory, "Debian mirror directory"),
+    Setting("mirror_proxy", "NF_MIRROR_PROXY", "", _proxy, "HTTP proxy for the installer"),
+    Setting("domain", "NF_DOMAIN", "local", validate.domain, "DNS domain of installed nodes"),
+    Setting("timezone", "NF_TIMEZONE", "UTC", validate.timezone, "time zone of installed nodes"),
+    Setting("locale", "NF_LOCALE", "en_US.UTF-8", validate.locale, "locale of installed nodes"),
+    Setting("keymap", "NF_KEYMAP", "us", validate.keymap, "keyboard layout"),
+    Setting("install_disk", "NF_INSTALL_DISK", "", validate.disk, "disk to partition ('' = first disk)"),
+    Setting("admin_user", "NF_ADMIN_USER", "nodefoundry", validate.username, "admin user on installed nodes"),
+    Setting("admin_password_hash", "NF_ADMIN_PASSWORD_HASH", "", _optional(validate.crypt_hash), "crypt hash"),
+    Setting("admin_ssh_keys", "NF_ADMIN_SSH_KEYS", [], _ssh_keys, "authorized SSH keys of the admin user"),
+    Setting("extra_packages", "NF_EXTRA_PACKAGES", [], _list_of(validate.package), "packages to add"),
+    Setting("mqtt_broker", "NF_MQTT_BROKER", "", _text, "MQTT broker host:port ('' = embedded)"),
+    Setting("agent_heartbeat_interval", "NF_HEARTBEAT_INTERVAL", 30, _int_range(5, 3600), "agent interval (s)"),
+    Setting("dhcp_addr", "NF_DHCP_ADDR", ":67", _http_addr, "DHCP listen address"),
+    Setting("dhcp_interface", "NF_DHCP_INTERFACE", "", _text, "interface to serve DHCP on ('' = off)"),
+    Setting("dhcp_pool_start", "NF_DHCP_IP_POOL_START", "", _optional(validate.ipv4), "first pool address"),
+    Setting("dhcp_pool_end", "NF_DHCP_IP_POOL_END", "", _optional(validate.ipv4), "last pool address"),
+    Setting("dhcp_netmask", "NF_DHCP_NETMASK", "255.255.255.0", validate.netmask, "pool netmask"),
+    Setting("dhcp_gateway", "NF_DHCP_GATEWAY", "", _optional(validate.ipv4), "pool gateway"),
+    Setting("dhcp_dns", "NF_DHCP_DNS", ["8.8.8.8", "8.8.4.4"], validate.dns_list, "DNS servers"),
+    Setting("dhcp_lease_time", "NF_DHCP_LEASE_TIME", 86400, _int_range(60, 31536000), "lease seconds"),
+    Setting("dhcp_tftp_server", "NF_DHCP_TFTP_SERVER", "", _optional(validate.ipv4), "TFTP server address"),
+    Setting("dhcp_proxy_mode", "NF_DHCP_PROXY_MODE", False, _bool, "ProxyDHCP beside another server"),
+)
+
+_PROFILE_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "disk": validate.disk,
+    "timezone": validate.timezone,
+    "locale": validate.locale,
+    "keymap": validate.keymap,
+    "extra_packages": _list_of(validate.package),
+    "kernel_args": _list_of(validate.kernel_arg),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """All settings, validated. ``profiles`` maps a profile name to overrides."""
+
+    values: Mapping[str, Any]
+    profiles: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    source: str = "defaults"
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.values[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    @property
+    def dhcp_enabled(self) -> bool:
+        """DHCP is off unless an interface is named: no rogue DHCP server by accident."""
+        return bool(self.values["dhcp_interface"])
+
+    def profile(self, profile_name: str | None) -> dict[str, Any]:
+        """Install settings for a node: the defaults overlaid with its profile."""
+        merged = {key: self.values[key] for key in ("timezone", "locale", "keymap", "kernel_args")}
+        merged["disk"] = self.values["install_disk"]
+        merged["extra_packages"] = self.values["extra_packages"]
+        merged.update(self.profiles.get(profile_name or "", {}))
+        return merged
+
+
+def _parse_profiles(raw: Any) -> dict[str, dict[str, Any]]:
+    if raw in (None, ""):
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError("profiles: expected a mapping of profile name to settings")
+    profiles: dict[str, dict[str, Any]] = {}
+    for profile_name, settings in raw.items():
+        try:
+            validate.name(profile_name, "profile name")
+        except InvalidValue as exc:
+            raise ConfigError(f"profiles: {exc}") from None
+        if not isinstance(settings, dict):
+            raise ConfigError(f"profiles.{profile_name}: expected a mapping")
+        parsed = {}
+        for key, value in settings.items():
+            if key not in _PROFILE_FIELDS:
+                raise ConfigError(f"profiles.{profile_name}.{key}: unknown setting ({', '.join(_PROFILE_FIELDS)})")
+            try:
+                parsed[key] = _PROFILE_FIELDS[key](value)
+            except InvalidValue as exc:
+                raise ConfigError(f"profiles.{profile_name}.{key}: {exc}") from None
+        profiles[profile_name] = parsed
+    return profiles
+
+
+def _read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of settings")
+    return data
+
+
+def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Build the configuration; raise ConfigError on the first bad value."""
+    environ = os.environ if environ is None else environ
+    file_values = _read_file(path) if path else {}
+    known = {setting.key for setting in SETTINGS} | {"profiles"}
+    unknown = sorted(set(file_values) - known)
+    if unknown:
+        raise ConfigError(f"{unknown[0]} ({path}): unknown setting")
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        if setting.env in environ:
+            raw, where = environ[setting.env], setting.env
+        elif setting.key in file_values:
+            raw, where = file_values[setting.key], f"{setting.key} ({path})"
+        else:
+            values[setting.key] = setting.default
+            continue
+        try:
+            values[setting.key] = setting.parse(raw)
+        except InvalidValue as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    _check_dhcp_pool(values)
+    return Config(values=values, profiles=_parse_profiles(file_values.get("profiles")), source=str(path or "env"))
+
+
+def _check_dhcp_pool(values: dict[str, Any]) -> None:
+    """Pool sanity is checked even before the DHCP server exists: fail early, in one line."""
+    start, end = values["dhcp_pool_start"], values["dhcp_pool_end"]
+    if bool(start) != bool(end):
+        raise ConfigError("NF_DHCP_IP_POOL_START/NF_DHCP_IP_POOL_END: set both or neither")
+    if start and tuple(map(int, start.split("."))) > tuple(map(int, end.split("."))):
+        raise ConfigError(f"NF_DHCP_IP_POOL_START: {start} is after NF_DHCP_IP_POOL_END {end}")

@@ -1,0 +1,306 @@
+"""The node lifecycle: the only code that sets ``nodes.status``.
+
+    discovered ──install──► installing ──finished/first status──► installed
+                                 │                                    │
+                                 └──error / no progress──► failed     │
+                  installed | failed ──reinstall (explicit)──► installing
+
+Every transition is one ``BEGIN IMMEDIATE`` transaction: the current status
+is read under the write lock and the UPDATE repeats it as a compare-and-set,
+so concurrent writers (API, DHCP, MQTT, the watchdog) get exactly one winner.
+Each transition appends an event row in the same transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from .store import Store, add_event, now
+
+INSTALL_FROM = {"install": ("discovered",), "reinstall": ("installed", "failed")}
+
+
+class LifecycleError(Exception):
+    """A refused request; ``str()`` is the API error message."""
+
+
+class NodeNotFound(LifecycleError):
+    def __init__(self) -> None:
+        super().__init__("node not found")
+
+
+class NodeExists(LifecycleError):
+    def __init__(self) -> None:
+        super().__init__("node already exists")
+
+
+class TransitionRefused(LifecycleError):
+    pass
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Result of one transition attempt, used for per-MAC bulk answers."""
+
+    mac: str
+    ok: bool
+    changed: bool
+    status: str | None
+    error: str | None = None
+
+    def json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"mac": self.mac, "ok": self.ok, "changed": self.changed}
+        if self.status:
+            body["status"] = self.status
+        if self.error:
+            body["error"] = self.error
+        return body
+
+
+def register(
+    store: Store, mac: str, fields: dict[str, Any], *, source: str, actor: str | None = None
+) -> dict[str, Any]:
+    """Create a node in ``discovered``; raise NodeExists if the MAC is known."""
+    stamp = now()
+    columns = {key: _column(value) for key, value in fields.items()}
+    try:
+        with store.write() as conn:
+            names = ", ".join(["mac", "status", "created_at", "updated_at", *columns])
+            marks = ", ".join("?" * (4 + len(columns)))
+            conn.execute(
+                f"INSERT INTO nodes ({names}) VALUES ({marks})", [mac, "discovered", stamp, stamp, *columns.values()]
+            )
+            add_event(
+                conn,
+                mac,
+                source,
+                "registered",
+                field="status",
+                new="discovered",
+                detail=fields or None,
+                actor=actor,
+                at=stamp,
+            )
+    except sqlite3.IntegrityError:
+        raise NodeExists() from None
+    return store.get_node(mac) or {}
+
+
+def register_if_new(store: Store, mac: str, fields: dict[str, Any], *, source: str) -> bool:
+    """Auto-registration from the boot path: a known node keeps its status."""
+    if store.get_node_row(mac) is not None:
+        return False
+    try:
+        register(store, mac, fields, source=source)
+    except NodeExists:
+        return False
+    return True
+
+
+def _column(value: Any) -> Any:
+    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
+
+
+def _refusal(action: str, status: str) -> str:
+    if action == "install":
+        return f"cannot install node with status '{status}', only 'discovered' nodes can be installed"
+    return f"cannot reinstall node with status '{status}', only 'installed' or 'failed' nodes can be reinstalled"
+
+
+def _start_install(conn: sqlite3.Connection, mac: str, action: str, source: str, actor: str | None) -> Outcome:
+    row = conn.execute("SELECT status FROM nodes WHERE mac = ?", (mac,)).fetchone()
+    if row is None:
+        return Outcome(mac, False, False, None, "node not found")
+    status = row["status"]
+    if status == "installing":
+        return Outcome(mac, True, False, status)
+    if status not in INSTALL_FROM[action]:
+        return Outcome(mac, False, False, status, _refusal(action, status))
+    stamp = now()
+    updated = conn.execute(
+        "UPDATE nodes SET status = 'installing', install_nonce = ?, install_ip = NULL, install_phase = 'queued',"
+        " install_started_at = ?, install_progress_at = ?, updated_at = ?, revision = revision + 1"
+        " WHERE mac = ? AND status = ?",
+        (secrets.token_hex(16), stamp, stamp, stamp, mac, status),
+    ).rowcount
+    if updated != 1:  # cannot happen under BEGIN IMMEDIATE; kept as the compare-and-set guard
+        raise RuntimeError(f"lost compare-and-set on {mac}")
+    add_event(conn, mac, source, action, field="status", old=status, new="installing", actor=actor, at=stamp)
+    return Outcome(mac, True, True, "installing")
+
+
+def start_install(store: Store, mac: str, action: str, *, source: str, actor: str | None = None) -> dict[str, Any]:
+    """Single-node install/reinstall with the seed's error messages.
+
+    Unlike the bulk form, a node already ``installing`` is refused here, as
+    the seed did, so a repeated PUT is visible to the caller.
+    """
+    with store.write() as conn:
+        row = conn.execute("SELECT status FROM nodes WHERE mac = ?", (mac,)).fetchone()
+        if row is None:
+            raise NodeNotFound()
+        if row["status"] == "installing":
+            raise TransitionRefused(_refusal(action, "installing"))
+        outcome = _start_install(conn, mac, action, source, actor)
+    if not outcome.ok:
+        raise TransitionRefused(outcome.error or "refused")
+    return store.get_node(mac) or {}
+
+
+def start_install_many(
+    store: Store, macs: Sequence[str], action: str, *, source: str, actor: str | None = None, dry_run: bool = False
+) -> list[Outcome]:
+    """Bulk install/reinstall in one transaction; per-MAC outcome, idempotent.
+
+    With ``dry_run`` the transaction is rolled back: the answer says what
+    would change (Ansible check mode) and nothing is stored.
+    """
+
+    class _DryRun(Exception):
+        pass
+
+    outcomes: list[Outcome] = []
+    try:
+        with store.write() as conn:
+            outcomes = [_start_install(conn, mac, action, source, actor) for mac in macs]
+            if dry_run:
+                raise _DryRun()
+    except _DryRun:
+        pass
+    return outcomes
+
+
+INSTALLER_EVENTS = ("started", "progress", "finished", "failed")
+
+
+def installer_report(store: Store, mac: str, event: str, *, phase: str | None, detail: dict[str, Any] | None) -> str:
+    """Apply a callback from debian-installer; return the node's status after it.
+
+    ``started`` and ``progress`` refresh the no-progress timer; ``finished``
+    moves the node to ``installed`` (its next PXE boot goes to the local disk);
+    ``failed`` moves it to ``failed``. The install token dies with the install.
+    """
+    stamp = now()
+    with store.write() as conn:
+        row = conn.execute("SELECT status, install_phase FROM nodes WHERE mac = ?", (mac,)).fetchone()
+        if row is None or row["status"] != "installing":
+            raise TransitionRefused("node is not installing")
+        if event in ("started", "progress"):
+            new_phase = phase or event
+            conn.execute(
+                "UPDATE nodes SET install_phase = ?, install_progress_at = ?, updated_at = ?, revision = revision + 1"
+                " WHERE mac = ? AND status = 'installing'",
+                (new_phase, stamp, stamp, mac),
+            )
+            if new_phase != row["install_phase"]:
+                add_event(
+                    conn,
+                    mac,
+                    "installer",
+                    f"installer-{event}",
+                    field="install_phase",
+                    old=row["install_phase"],
+                    new=new_phase,
+                    detail=detail,
+                    at=stamp,
+                )
+            return "installing"
+        new_status = "installed" if event == "finished" else "failed"
+        _end_install(conn, mac, new_status, stamp)
+        add_event(
+            conn,
+            mac,
+            "installer",
+            f"installer-{event}",
+            field="status",
+            old="installing",
+            new=new_status,
+            detail={**(detail or {}), **({"phase": phase} if phase else {})} or None,
+            at=stamp,
+        )
+        return new_status
+
+
+def _end_install(conn: sqlite3.Connection, mac: str, status: str, stamp: str) -> None:
+    conn.execute(
+        "UPDATE nodes SET status = ?, install_nonce = NULL, install_ip = NULL, install_phase = ?,"
+        " updated_at = ?, revision = revision + 1 WHERE mac = ? AND status = 'installing'",
+        (status, "finished" if status == "installed" else "failed", stamp, mac),
+    )
+
+
+def mark_installed(store: Store, mac: str, *, source: str, detail: dict[str, Any] | None = None) -> bool:
+    """An installing node that reports in (agent status) is installed; True if it changed."""
+    stamp = now()
+    with store.write() as conn:
+        row = conn.execute("SELECT status FROM nodes WHERE mac = ?", (mac,)).fetchone()
+        if row is None or row["status"] != "installing":
+            return False
+        _end_install(conn, mac, "installed", stamp)
+        add_event(
+            conn, mac, source, "installed", field="status", old="installing", new="installed", detail=detail, at=stamp
+        )
+    return True
+
+
+def expire_stalled_installs(store: Store, timeout_seconds: int, *, at: datetime | None = None) -> list[str]:
+    """Fail installs without progress for ``timeout_seconds``; return their MACs."""
+    current = at or datetime.now(UTC)
+    cutoff = (current - timedelta(seconds=timeout_seconds)).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    stamp = now()
+    with store.write() as conn:
+        rows = conn.execute(
+            "SELECT mac, install_progress_at FROM nodes WHERE status = 'installing' AND install_progress_at < ?",
+            (cutoff,),
+        ).fetchall()
+        for row in rows:
+            _end_install(conn, row["mac"], "failed", stamp)
+            add_event(
+                conn,
+                row["mac"],
+                "system",
+                "install-timeout",
+                field="status",
+                old="installing",
+                new="failed",
+                detail={"last_progress_at": row["install_progress_at"], "timeout_seconds": timeout_seconds},
+                at=stamp,
+            )
+    return [row["mac"] for row in rows]
+
+
+def installing_nonce(store: Store, mac: str) -> tuple[str, str | None] | None:
+    """(nonce, pinned ip) of a node that is installing now, else None."""
+    row = (
+        store.conn()
+        .execute("SELECT install_nonce, install_ip FROM nodes WHERE mac = ? AND status = 'installing'", (mac,))
+        .fetchone()
+    )
+    return (row["install_nonce"], row["install_ip"]) if row and row["install_nonce"] else None
+
+
+def pin_install_ip(store: Store, mac: str, ip: str) -> str:
+    """Trust on first use: the first address that fetches the install script owns the install."""
+    with store.write() as conn:
+        conn.execute(
+            "UPDATE nodes SET install_ip = ? WHERE mac = ? AND status = 'installing' AND install_ip IS NULL", (ip, mac)
+        )
+        row = conn.execute("SELECT install_ip FROM nodes WHERE mac = ?", (mac,)).fetchone()
+    return row["install_ip"] if row else ip
+
+
+def statuses(values: Iterable[str]) -> list[str]:
+    """Validate a status filter."""
+    from .store import STATUSES
+
+    chosen = [value for value in values if value]
+    bad = [value for value in chosen if value not in STATUSES]
+    if bad:
+        raise LifecycleError(f"invalid status filter {bad[0]!r}: one of {', '.join(STATUSES)}")
+    return chosen

@@ -1,0 +1,133 @@
+"""Shared fixtures: a real ``nodefoundry-server run`` process on a free port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+SERVER_BIN = Path(sys.executable).parent / "nodefoundry-server"
+ADMIN_TOKEN = "nf_test-admin-token"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def fake_installer(assets_dir: Path, arches: tuple[str, ...] = ("amd64", "arm64")) -> None:
+    """Small stand-in kernel/initrd files: the boot path only needs them to exist."""
+    for arch in arches:
+        directory = assets_dir / "debian-installer" / arch
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "linux").write_bytes(b"kernel-" + arch.encode())
+        (directory / "initrd.gz").write_bytes(b"initrd-" + arch.encode())
+
+
+class Server:
+    """A server process under test, with a small API client."""
+
+    def __init__(self, workdir: Path, env: dict[str, str] | None = None, config: Path | None = None) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.db_path = workdir / "data" / "nodes.db"
+        self.assets_dir = workdir / "data" / "assets"
+        self.env = {
+            **os.environ,
+            "NF_HTTP_ADDR": f"127.0.0.1:{self.port}",
+            "NF_DB_PATH": str(self.db_path),
+            "NF_ASSETS_DIR": str(self.assets_dir),
+            "NF_API_TOKEN": ADMIN_TOKEN,
+            "NF_HTTP_WORKERS": "2",
+            "NF_HTTP_THREADS": "4",
+            **(env or {}),
+        }
+        self.config = config
+        self.process: subprocess.Popen[bytes] | None = None
+        self.session = requests.Session()
+        self.log_path = workdir / "server.log"
+
+    def start(self, wait: bool = True) -> Server:
+        args = [str(SERVER_BIN), *(["--config", str(self.config)] if self.config else []), "run"]
+        self.log = self.log_path.open("ab")
+        self.process = subprocess.Popen(args, cwd=self.workdir, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, attempts: int = 200) -> None:
+        """Poll /health until it answers (bounded: ~20 s), or fail with the server's log."""
+        for _ in range(attempts):
+            if self.process and self.process.poll() is not None:
+                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log_text()}")
+            try:
+                if requests.get(self.url + "/health", timeout=1).status_code in (200, 503):
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"server did not become ready:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if sig == signal.SIGKILL:
+            _kill_orphan_workers(self.port)
+
+    def api(self, method: str, path: str, token: str | None = ADMIN_TOKEN, **kwargs: Any) -> requests.Response:
+        headers = kwargs.pop("headers", {})
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        return self.session.request(method, self.url + path, headers=headers, timeout=30, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.session.get(self.url + path, timeout=30, **kwargs)
+
+
+def _kill_orphan_workers(port: int) -> None:
+    """After SIGKILL of the arbiter its workers notice within a second; make sure they are gone."""
+    found = subprocess.run(["fuser", "-k", "-KILL", f"{port}/tcp"], capture_output=True)
+    del found
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Any]:
+    started: list[Server] = []
+
+    def make(env: dict[str, str] | None = None, config: Path | None = None, installer: bool = True) -> Server:
+        workdir = tmp_path / f"server{len(started)}"
+        workdir.mkdir()
+        server = Server(workdir, env, config)
+        if installer:
+            fake_installer(server.assets_dir)
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def server(server_factory: Any) -> Server:
+    return server_factory().start()
