@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -62,7 +63,9 @@ class Server:
     def start(self, wait: bool = True) -> Server:
         args = [str(SERVER_BIN), *(["--config", str(self.config)] if self.config else []), "run"]
         self.log = self.log_path.open("ab")
-        self.process = subprocess.Popen(args, cwd=self.workdir, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            args, cwd=self.workdir, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         if wait:
             self.wait_ready()
         return self
@@ -83,16 +86,23 @@ class Server:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
+    def stop(self) -> None:
+        """Graceful stop (SIGTERM), as systemd would do it."""
         if self.process and self.process.poll() is None:
-            self.process.send_signal(sig)
+            self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if sig == signal.SIGKILL:
-            _kill_orphan_workers(self.port)
+                self.crash()
+        self.session.close()
+
+    def crash(self) -> None:
+        """kill -9 the whole server at once: the arbiter and every worker."""
+        if self.process:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.session.close()
 
     def api(self, method: str, path: str, token: str | None = ADMIN_TOKEN, **kwargs: Any) -> requests.Response:
         headers = kwargs.pop("headers", {})
@@ -102,12 +112,6 @@ class Server:
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:
         return self.session.get(self.url + path, timeout=30, **kwargs)
-
-
-def _kill_orphan_workers(port: int) -> None:
-    """After SIGKILL of the arbiter its workers notice within a second; make sure they are gone."""
-    found = subprocess.run(["fuser", "-k", "-KILL", f"{port}/tcp"], capture_output=True)
-    del found
 
 
 @pytest.fixture

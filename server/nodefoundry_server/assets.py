@@ -55,9 +55,9 @@ def _from_tree(root: Path, arch: str) -> dict[str, Path] | None:
     return files if all(path.is_file() for path in files.values()) else None
 
 
-def import_from_apt(assets_dir: Path, arch: str) -> dict[str, str]:
+def import_from_apt(assets_dir: Path, arch: str, installed_root: Path = Path("/")) -> dict[str, str]:
     """Use the installed package if present, else ``apt-get download`` + ``dpkg-deb -x``."""
-    installed = _from_tree(Path("/"), arch)
+    installed = _from_tree(installed_root, arch)
     if installed:
         return _install_files(installed, assets_dir / "debian-installer" / arch, PACKAGE.format(arch=arch))
     with tempfile.TemporaryDirectory() as work:

@@ -181,8 +181,14 @@ def installer_callback(mac: str, event: str) -> tuple[str, int]:
 
 @blueprint.get("/assets/<path:subpath>")
 def asset(subpath: str) -> Response:
-    """Installer kernels/initrds: streamed by the WSGI server (sendfile), with Range support."""
-    return send_from_directory(Path(config().assets_dir).resolve(), subpath, conditional=True, max_age=3600)
+    """Installer kernels/initrds: streamed by the WSGI server (sendfile), with Range support.
+
+    The MIME type is fixed: guessing it would label ``initrd.gz`` with
+    ``Content-Encoding: gzip`` and HTTP clients would unpack the initrd.
+    """
+    return send_from_directory(
+        Path(config().assets_dir).resolve(), subpath, mimetype="application/octet-stream", conditional=True, max_age=3600
+    )
 
 
 @blueprint.get("/agent/<name>")
