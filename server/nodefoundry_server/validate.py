@@ -46,9 +46,9 @@ def mac(value: object) -> str:
     """Return the MAC as 12 lower-case hex digits, or raise InvalidValue."""
     if not isinstance(value, str):
         raise InvalidValue(MAC_INVALID)
-    text = value.strip().lower()
+    text = value.lower()
     for form in _MAC_FORMS:
-        match = form.match(text)
+        match = form.fullmatch(text)
         if match:
             return "".join(match.groups())
     raise InvalidValue(MAC_INVALID)
@@ -56,14 +56,14 @@ def mac(value: object) -> str:
 
 def hostname(value: object) -> str:
     """An RFC 1123 host label (no dots), returned in lower case."""
-    if not isinstance(value, str) or not _HOSTNAME.match(value.lower()):
+    if not isinstance(value, str) or not _HOSTNAME.fullmatch(value.lower()):
         raise InvalidValue("invalid hostname: must be an RFC 1123 label (letters, digits, '-', at most 63)")
     return value.lower()
 
 
 def domain(value: object) -> str:
     """A DNS domain name (dotted RFC 1123 labels), lower case."""
-    if not isinstance(value, str) or not _DOMAIN.match(value.lower()):
+    if not isinstance(value, str) or not _DOMAIN.fullmatch(value.lower()):
         raise InvalidValue("invalid domain: must be dotted RFC 1123 labels")
     return value.lower()
 
@@ -106,22 +106,22 @@ def labels(value: object) -> dict[str, str]:
     if not isinstance(value, dict) or len(value) > 64:
         raise InvalidValue("invalid labels: expected an object with at most 64 entries")
     for key, item in value.items():
-        if not isinstance(key, str) or not _LABEL_KEY.match(key):
+        if not isinstance(key, str) or not _LABEL_KEY.fullmatch(key):
             raise InvalidValue(f"invalid label key: {key!r}")
-        if not isinstance(item, str) or not _LABEL_VALUE.match(item):
+        if not isinstance(item, str) or not _LABEL_VALUE.fullmatch(item):
             raise InvalidValue(f"invalid label value for {key!r}: letters, digits, '-', '_', '.' only")
     return dict(sorted(value.items()))
 
 
 def name(value: object, what: str = "name") -> str:
     """A short identifier: profile names, token names."""
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise InvalidValue(f"invalid {what}: lower-case letters, digits, '-', '_' (at most 63)")
     return value
 
 
 def username(value: object) -> str:
-    if not isinstance(value, str) or not _USERNAME.match(value):
+    if not isinstance(value, str) or not _USERNAME.fullmatch(value):
         raise InvalidValue(f"invalid user name: {value!r}")
     return value
 
@@ -130,55 +130,55 @@ def disk(value: object) -> str:
     """A block device path for partitioning, or '' for the first disk."""
     if value in ("", None):
         return ""
-    if not isinstance(value, str) or not _DISK.match(value) or ".." in value:
+    if not isinstance(value, str) or not _DISK.fullmatch(value) or ".." in value:
         raise InvalidValue(f"invalid disk: {value!r} (expected /dev/<name>)")
     return value
 
 
 def package(value: object) -> str:
-    if not isinstance(value, str) or not _PACKAGE.match(value):
+    if not isinstance(value, str) or not _PACKAGE.fullmatch(value):
         raise InvalidValue(f"invalid package name: {value!r}")
     return value
 
 
 def kernel_arg(value: object) -> str:
-    if not isinstance(value, str) or not _KERNEL_ARG.match(value):
+    if not isinstance(value, str) or not _KERNEL_ARG.fullmatch(value):
         raise InvalidValue(f"invalid kernel argument: {value!r}")
     return value
 
 
 def ssh_key(value: object) -> str:
-    if not isinstance(value, str) or not _SSH_KEY.match(value.strip()):
+    if not isinstance(value, str) or not _SSH_KEY.fullmatch(value.strip()):
         raise InvalidValue("invalid SSH public key: expected '<type> <base64> [comment]' on one line")
     return value.strip()
 
 
 def crypt_hash(value: object) -> str:
-    if not isinstance(value, str) or not _CRYPT_HASH.match(value):
+    if not isinstance(value, str) or not _CRYPT_HASH.fullmatch(value):
         raise InvalidValue("invalid password hash: expected a crypt(3) hash such as $6$... or $y$...")
     return value
 
 
 def phase(value: object) -> str:
-    if not isinstance(value, str) or not _PHASE.match(value):
+    if not isinstance(value, str) or not _PHASE.fullmatch(value):
         raise InvalidValue("invalid phase")
     return value
 
 
 def timezone(value: object) -> str:
-    if not isinstance(value, str) or not _TIMEZONE.match(value):
+    if not isinstance(value, str) or not _TIMEZONE.fullmatch(value):
         raise InvalidValue(f"invalid time zone: {value!r}")
     return value
 
 
 def locale(value: object) -> str:
-    if not isinstance(value, str) or not _LOCALE.match(value):
+    if not isinstance(value, str) or not _LOCALE.fullmatch(value):
         raise InvalidValue(f"invalid locale: {value!r}")
     return value
 
 
 def keymap(value: object) -> str:
-    if not isinstance(value, str) or not _KEYMAP.match(value):
+    if not isinstance(value, str) or not _KEYMAP.fullmatch(value):
         raise InvalidValue(f"invalid keymap: {value!r}")
     return value
 
@@ -191,7 +191,7 @@ def host_port(value: object, what: str, default_port: int) -> tuple[str, int]:
     if not sep:
         host, port_text = value, str(default_port)
     host = host.strip("[]")
-    if host and not _DOMAIN.match(host.lower()):
+    if host and not _DOMAIN.fullmatch(host.lower()):
         try:
             ipaddress.ip_address(host)
         except ValueError:

@@ -32,22 +32,30 @@ _IPXE_SAFE = re.compile(r"^[A-Za-z0-9_.,:=/?+%@-]*$")
 def _ipxe(value: Any) -> str:
     """iPXE has no quoting: allow only characters with no meaning to its parser."""
     text = str(value)
-    if not _IPXE_SAFE.match(text):
+    if not _IPXE_SAFE.fullmatch(text):  # fullmatch: ``$`` alone would let a final newline through
         raise ValueError(f"unsafe value for an iPXE script: {text!r}")
     return text
 
 
-def _debconf(value: Any) -> str:
-    """A debconf value is the rest of one line: no control characters."""
-    text = str(value)
+def _one_line(text: str, what: str) -> str:
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
-        raise ValueError(f"unsafe value for a preseed line: {text!r}")
+        raise ValueError(f"unsafe value for {what}: {text!r}")
+    return text
+
+
+def _debconf(value: Any) -> str:
+    """A debconf value is the rest of one line: no control characters, and no final backslash,
+    which debconf-set-selections reads as a continuation that joins the next line into this value."""
+    text = _one_line(str(value), "a preseed line")
+    if text.endswith("\\"):
+        raise ValueError(f"unsafe value for a preseed line (final backslash): {text!r}")
     return text
 
 
 def _sh(value: Any) -> str:
-    """Single-quote for POSIX sh; newlines would split the debconf line, so refuse them."""
-    return shlex.quote(_debconf(value))
+    """Single-quote for POSIX sh; newlines would split the debconf line, so refuse them.
+    The quoted result ends with a quote, so a final backslash inside it is harmless."""
+    return shlex.quote(_one_line(str(value), "a preseed shell line"))
 
 
 _ENV = jinja2.Environment(
@@ -129,9 +137,13 @@ def kernel_args(config: Config, node: Mapping[str, Any], urls: Urls, token: str)
             f"netcfg/get_gateway={node.get('gateway') or 'none'}",
             "netcfg/confirm_static=true",
         ]
-        if node.get("dns"):
-            args.append(f"netcfg/get_nameservers={node['dns'][0]}")
+        args += [f"netcfg/get_nameservers={server}" for server in nameservers(config, node)[:1]]
     return args + list(settings["kernel_args"])
+
+
+def nameservers(config: Config, node: Mapping[str, Any]) -> list[str]:
+    """The node's DNS servers, else the configured ones: a static install without any stops at a question."""
+    return list(node.get("dns") or config.dhcp_dns)
 
 
 def installing_script(
@@ -169,7 +181,7 @@ def preseed(config: Config, node: Mapping[str, Any], urls: Urls, token: str) -> 
         ip=node.get("ip", ""),
         netmask=node.get("netmask", ""),
         gateway=node.get("gateway", ""),
-        dns=" ".join(node.get("dns") or []),
+        dns=" ".join(nameservers(config, node)),
         mirror_host=mirror_host,
         mirror_directory=config.mirror_directory,
         mirror_proxy=config.mirror_proxy,
