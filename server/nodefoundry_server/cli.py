@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from collections.abc import Sequence
 
@@ -92,13 +93,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .runtime import run
 
             return run(config)
+        if args.command == "token":
+            return _token(args, config)
+        if args.command == "assets":
+            return _assets(args, config)
+        return _db_check(config)
     except ConfigError as exc:
         return _fail(str(exc))
-    if args.command == "token":
-        return _token(args, config)
-    if args.command == "assets":
-        return _assets(args, config)
-    return _db_check(config)
+    except (sqlite3.Error, OSError, RuntimeError) as exc:  # unusable database or data directory
+        return _fail(f"NF_DB_PATH {config.db_path}: {exc}")
 
 
 if __name__ == "__main__":
