@@ -51,6 +51,13 @@ def _text(value: Any) -> str:
     return str(value).strip()
 
 
+def _required_text(value: Any) -> str:
+    text = str(value).strip()
+    if not text:
+        raise InvalidValue("must not be empty")
+    return text
+
+
 def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return lambda value: parse(value) if str(value).strip() else ""
 
@@ -85,7 +92,9 @@ def _mirror(value: Any) -> str:
     text = str(value).strip()
     if text.startswith("http://"):
         text = text[len("http://") :].split("/", 1)[0]
-    validate.host_port(text, "mirror", 80)
+    host, _port = validate.host_port(text, "mirror", 80)
+    if not host:
+        raise InvalidValue("needs a mirror host, e.g. deb.debian.org")
     return text
 
 
@@ -105,9 +114,12 @@ def _proxy(value: Any) -> str:
     return text
 
 
-def _list_of(parse: Callable[[Any], str]) -> Callable[[Any], list[str]]:
+def _list_of(parse: Callable[[Any], str], commas: bool = True) -> Callable[[Any], list[str]]:
+    """A YAML list, or a string split on spaces (and on commas unless they may occur in an item)."""
+
     def parse_list(value: Any) -> list[str]:
-        items = value if isinstance(value, list) else [i for i in str(value).replace(",", " ").split() if i]
+        text = str(value).replace(",", " ") if commas else str(value)
+        items = value if isinstance(value, list) else text.split()
         return [parse(item) for item in items]
 
     return parse_list
@@ -133,9 +145,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("http_workers", "NF_HTTP_WORKERS", 2, _int_range(1, 64), "HTTP worker processes"),
     Setting("http_threads", "NF_HTTP_THREADS", 16, _int_range(1, 256), "threads per HTTP worker"),
     Setting("server_addr", "NF_SERVER_ADDR", "", _server_addr, "host:port nodes use to reach the server"),
-    Setting("db_path", "NF_DB_PATH", "./data/nodes.db", _text, "SQLite database file"),
+    Setting("db_path", "NF_DB_PATH", "./data/nodes.db", _required_text, "SQLite database file"),
     Setting("db_synchronous", "NF_DB_SYNCHRONOUS", "full", _choice("full", "normal"), "SQLite synchronous"),
-    Setting("assets_dir", "NF_ASSETS_DIR", "./data/assets", _text, "installer kernels/initrds, agent"),
+    Setting("assets_dir", "NF_ASSETS_DIR", "./data/assets", _required_text, "installer kernels/initrds, agent"),
     Setting("log_level", "NF_LOG_LEVEL", "info", _choice("debug", "info", "warning", "error"), "log level"),
     Setting("api_token", "NF_API_TOKEN", "", _text, "admin API token (in addition to stored tokens)"),
     Setting("max_body_bytes", "NF_MAX_BODY_BYTES", 1048576, _int_range(1024, 67108864), "request body limit"),
@@ -143,7 +155,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("boot_poll_interval", "NF_BOOT_POLL_INTERVAL", 5, _int_range(1, 10), "iPXE wait-loop seconds"),
     Setting("install_timeout", "NF_INSTALL_TIMEOUT", 3600, _int_range(60, 604800), "seconds without progress"),
     Setting("install_token_bind_ip", "NF_INSTALL_TOKEN_BIND_IP", False, _bool, "pin install URLs to node IP"),
-    Setting("kernel_args", "NF_KERNEL_ARGS", [], _list_of(validate.kernel_arg), "extra installer kernel args"),
+    Setting("kernel_args", "NF_KERNEL_ARGS", [], _list_of(validate.kernel_arg, commas=False), "extra installer kernel args"),
     Setting("mirror_url", "NF_MIRROR_URL", "mirrors.ustc.edu.cn", _mirror, "Debian mirror host"),
     Setting("mirror_directory", "NF_MIRROR_DIRECTORY", "/debian", _directory, "Debian mirror directory"),
     Setting("mirror_proxy", "NF_MIRROR_PROXY", "", _proxy, "HTTP proxy for the installer"),
@@ -176,7 +188,7 @@ _PROFILE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "locale": validate.locale,
     "keymap": validate.keymap,
     "extra_packages": _list_of(validate.package),
-    "kernel_args": _list_of(validate.kernel_arg),
+    "kernel_args": _list_of(validate.kernel_arg, commas=False),
 }
 
 
@@ -224,7 +236,7 @@ def _parse_profiles(raw: Any) -> dict[str, dict[str, Any]]:
         parsed = {}
         for key, value in settings.items():
             if key not in _PROFILE_FIELDS:
-                raise ConfigError(f"profiles.{profile_name}.{key}: unknown setting ({', '.join(_PROFILE_FIELDS)})")
+                raise ConfigError(f"profiles.{profile_name}.{_key_name(str(key))}: unknown setting ({', '.join(_PROFILE_FIELDS)})")
             try:
                 parsed[key] = _PROFILE_FIELDS[key](value)
             except InvalidValue as exc:
@@ -235,9 +247,11 @@ def _parse_profiles(raw: Any) -> dict[str, dict[str, Any]]:
 
 def _read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except OSError as exc:
         raise ConfigError(f"--config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -250,30 +264,41 @@ def load(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] 
     environ = os.environ if environ is None else environ
     file_values = _read_file(path) if path else {}
     known = {setting.key for setting in SETTINGS} | {"profiles"}
-    unknown = sorted(set(file_values) - known)
+    unknown = sorted(str(key) for key in file_values if key not in known)
     if unknown:
-        raise ConfigError(f"{unknown[0]} ({path}): unknown setting")
+        raise ConfigError(f"{_key_name(unknown[0])} ({path}): unknown setting")
     values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
     for setting in SETTINGS:
         if setting.env in environ:
             raw, where = environ[setting.env], setting.env
         elif setting.key in file_values:
+            # A key written without a value (YAML null) means "empty", never the text "None".
             raw, where = file_values[setting.key], f"{setting.key} ({path})"
+            raw = "" if raw is None else raw
         else:
             values[setting.key] = setting.default
             continue
+        origin[setting.key] = where
         try:
             values[setting.key] = setting.parse(raw)
         except InvalidValue as exc:
             raise ConfigError(f"{where}: {exc}") from None
-    _check_dhcp_pool(values)
+    _check_dhcp_pool(values, origin)
     return Config(values=values, profiles=_parse_profiles(file_values.get("profiles")), source=str(path or "env"))
 
 
-def _check_dhcp_pool(values: dict[str, Any]) -> None:
+def _key_name(key: str) -> str:
+    """A key as written, quoted when it could break the one-line error."""
+    return key if key.isprintable() and " " not in key else repr(key)
+
+
+def _check_dhcp_pool(values: dict[str, Any], origin: dict[str, str]) -> None:
     """Pool sanity is checked even before the DHCP server exists: fail early, in one line."""
     start, end = values["dhcp_pool_start"], values["dhcp_pool_end"]
+    start_name = origin.get("dhcp_pool_start", "NF_DHCP_IP_POOL_START")
+    end_name = origin.get("dhcp_pool_end", "NF_DHCP_IP_POOL_END")
     if bool(start) != bool(end):
-        raise ConfigError("NF_DHCP_IP_POOL_START/NF_DHCP_IP_POOL_END: set both or neither")
+        raise ConfigError(f"{start_name}/{end_name}: set both or neither")
     if start and tuple(map(int, start.split("."))) > tuple(map(int, end.split("."))):
-        raise ConfigError(f"NF_DHCP_IP_POOL_START: {start} is after NF_DHCP_IP_POOL_END {end}")
+        raise ConfigError(f"{start_name}: {start} is after {end_name} {end}")
