@@ -8,7 +8,7 @@ PYTHON ?= python3
 DEB_PACKAGES := python3-venv python3-dev gcc debconf dash busybox sqlite3 curl \
 	debian-installer-12-netboot-amd64 debian-installer-12-netboot-arm64 ipxe \
 	mosquitto mosquitto-clients udhcpc isc-dhcp-client qemu-system-x86 ipxe-qemu ovmf \
-	wrk nginx-light psmisc iproute2
+	wrk nginx-light psmisc iproute2 dnsmasq-base
 STAMP := $(VENV)/.setup-stamp
 
 .PHONY: setup run test lint format bench collection clean
