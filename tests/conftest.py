@@ -27,6 +27,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+class _OneShotSession(requests.Session):
+    def request(self, *args: Any, **kwargs: Any) -> requests.Response:
+        headers = kwargs.pop("headers", None) or {}
+        return super().request(*args, headers={"Connection": "close", **headers}, **kwargs)
+
+
 def fake_installer(assets_dir: Path, arches: tuple[str, ...] = ("amd64", "arm64")) -> None:
     """Small stand-in kernel/initrd files: the boot path only needs them to exist."""
     for arch in arches:
@@ -57,7 +63,9 @@ class Server:
         }
         self.config = config
         self.process: subprocess.Popen[bytes] | None = None
-        self.session = requests.Session()
+        # A new connection per request: a pooled keep-alive connection that the server closes
+        # just as it is reused would make a test fail for a reason that is not the server's.
+        self.session = _OneShotSession()
         self.log_path = workdir / "server.log"
 
     def start(self, wait: bool = True) -> Server:
