@@ -155,7 +155,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("boot_poll_interval", "NF_BOOT_POLL_INTERVAL", 5, _int_range(1, 10), "iPXE wait-loop seconds"),
     Setting("install_timeout", "NF_INSTALL_TIMEOUT", 3600, _int_range(60, 604800), "seconds without progress"),
     Setting("install_token_bind_ip", "NF_INSTALL_TOKEN_BIND_IP", False, _bool, "pin install URLs to node IP"),
-    Setting("kernel_args", "NF_KERNEL_ARGS", [], _list_of(validate.kernel_arg, commas=False), "extra installer kernel args"),
+    Setting(
+        "kernel_args", "NF_KERNEL_ARGS", [], _list_of(validate.kernel_arg, commas=False), "extra installer kernel args"
+    ),
     Setting("mirror_url", "NF_MIRROR_URL", "mirrors.ustc.edu.cn", _mirror, "Debian mirror host"),
     Setting("mirror_directory", "NF_MIRROR_DIRECTORY", "/debian", _directory, "Debian mirror directory"),
     Setting("mirror_proxy", "NF_MIRROR_PROXY", "", _proxy, "HTTP proxy for the installer"),
@@ -236,7 +238,9 @@ def _parse_profiles(raw: Any) -> dict[str, dict[str, Any]]:
         parsed = {}
         for key, value in settings.items():
             if key not in _PROFILE_FIELDS:
-                raise ConfigError(f"profiles.{profile_name}.{_key_name(str(key))}: unknown setting ({', '.join(_PROFILE_FIELDS)})")
+                raise ConfigError(
+                    f"profiles.{profile_name}.{_key_name(str(key))}: unknown setting ({', '.join(_PROFILE_FIELDS)})"
+                )
             try:
                 parsed[key] = _PROFILE_FIELDS[key](value)
             except InvalidValue as exc:

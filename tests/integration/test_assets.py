@@ -10,8 +10,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from nodefoundry_server.assets import import_from_apt
 
+from nodefoundry_server.assets import import_from_apt
 from tests.conftest import SERVER_BIN
 
 PACKAGE_DIR = "/usr/lib/debian-installer/images/12/{arch}/text/debian-installer/{arch}"

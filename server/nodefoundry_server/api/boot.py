@@ -187,7 +187,11 @@ def asset(subpath: str) -> Response:
     ``Content-Encoding: gzip`` and HTTP clients would unpack the initrd.
     """
     return send_from_directory(
-        Path(config().assets_dir).resolve(), subpath, mimetype="application/octet-stream", conditional=True, max_age=3600
+        Path(config().assets_dir).resolve(),
+        subpath,
+        mimetype="application/octet-stream",
+        conditional=True,
+        max_age=3600,
     )
 
 
