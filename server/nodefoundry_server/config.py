@@ -203,10 +203,10 @@ class Config:
     source: str = "defaults"
 
     def __getattr__(self, key: str) -> Any:
-        try:
-            return self.values[key]
-        except KeyError:
-            raise AttributeError(key) from None
+        values = self.__dict__.get("values")  # absent while unpickling (the services process)
+        if values is None or key not in values:
+            raise AttributeError(key)
+        return values[key]
 
     @property
     def dhcp_enabled(self) -> bool:

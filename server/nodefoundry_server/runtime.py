@@ -1,8 +1,10 @@
 """``nodefoundry-server run``: prepare the store, start services, serve HTTP.
 
-The main process runs the background services and is gunicorn's arbiter;
-HTTP is served by forked gthread workers (a production WSGI server, and one
-process per core, since one Python process cannot use both cores).
+The main process prepares the store, then becomes gunicorn's arbiter; HTTP
+is served by forked gthread workers (a production WSGI server, and one
+process per core, since one Python process cannot use both cores). The
+background services run in their own process (see ``services``): the
+arbiter keeps no database connection open, because it forks.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from gunicorn.app.base import BaseApplication
 from . import __version__, auth, boot, validate
 from .api import create_app
 from .config import Config, ConfigError
-from .services import InstallWatchdog, record_unbuilt_components
+from .services import ServicesSupervisor, record_unbuilt_components
 from .store import Store
 
 log = logging.getLogger("nodefoundry")
@@ -111,8 +113,9 @@ def run(config: Config) -> int:
     Path(config.assets_dir).mkdir(parents=True, exist_ok=True)
     token, token_path = ensure_admin_token(store, config)
     record_unbuilt_components(store, config)
-    watchdog = InstallWatchdog(store, config.install_timeout, interval_seconds=min(30.0, config.install_timeout / 4))
-    watchdog.start()
+    store.close()  # nothing that forks may hold a SQLite connection
+    services = ServicesSupervisor(config)
+    services.start()
     print(banner(config, host, port, token, token_path), flush=True)
     app = create_app(config, store, started_at=time.time())
     options = {
@@ -128,7 +131,7 @@ def run(config: Config) -> int:
         "loglevel": config.log_level,
         "proc_name": "nodefoundry-server",
         "control_socket_disable": True,
-        "on_exit": lambda _arbiter: watchdog.stop(),
+        "on_exit": lambda _arbiter: services.stop(),
     }
     _Gunicorn(app, options).run()
     return 0

@@ -1,13 +1,26 @@
-"""Background services that run beside the HTTP workers, in the main process.
+"""Background services, in a process of their own beside the HTTP workers.
 
-Each publishes its state to the store's ``components`` table, which is how
-the HTTP workers (other processes) answer /health.
+Why a separate process: gunicorn forks HTTP workers from its arbiter, also
+later to replace one that died. A process that forks must hold no SQLite
+connection (the child inherits SQLite's in-process lock bookkeeping and can
+wait forever on a lock nobody holds), so nothing that touches the database
+may run in the arbiter. The services process is started with ``spawn`` (a
+fresh interpreter), restarted by a supervisor thread if it dies, and stops
+when its parent goes away.
+
+Each service publishes its state to the store's ``components`` table, which
+is how the HTTP workers answer /health.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+import signal
 import threading
+import time
+from multiprocessing.process import BaseProcess
 
 from . import lifecycle
 from .config import Config
@@ -15,29 +28,20 @@ from .store import Store
 
 log = logging.getLogger("nodefoundry.services")
 
+RESTART_DELAY_SECONDS = 2.0
 
-class InstallWatchdog(threading.Thread):
+
+class InstallWatchdog:
     """Fails installs that made no progress within ``install_timeout``."""
 
-    def __init__(self, store: Store, timeout_seconds: int, interval_seconds: float = 30.0) -> None:
-        super().__init__(name="install-watchdog", daemon=True)
+    def __init__(self, store: Store, timeout_seconds: int) -> None:
         self.store = store
         self.timeout_seconds = timeout_seconds
-        self.interval_seconds = interval_seconds
-        self.stopped = threading.Event()
 
-    def run(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                for mac in lifecycle.expire_stalled_installs(self.store, self.timeout_seconds):
-                    log.warning("install of %s failed: no progress for %d s", mac, self.timeout_seconds)
-                self.store.set_component("install_watchdog", "ok", f"timeout {self.timeout_seconds} s")
-            except Exception:  # the watchdog must outlive a locked or failing database
-                log.exception("install watchdog pass failed")
-            self.stopped.wait(self.interval_seconds)
-
-    def stop(self) -> None:
-        self.stopped.set()
+    def run_once(self) -> None:
+        for mac in lifecycle.expire_stalled_installs(self.store, self.timeout_seconds):
+            log.warning("install of %s failed: no progress for %d s", mac, self.timeout_seconds)
+        self.store.set_component("install_watchdog", "ok", f"timeout {self.timeout_seconds} s")
 
 
 def record_unbuilt_components(store: Store, config: Config) -> None:
@@ -46,3 +50,67 @@ def record_unbuilt_components(store: Store, config: Config) -> None:
     store.set_component("dhcp", "unavailable" if config.dhcp_enabled else "disabled", dhcp)
     store.set_component("tftp", "disabled", "served with DHCP")
     store.set_component("mqtt", "disabled", "not available in this version")
+    store.set_component("install_watchdog", "starting", "services process starting")
+
+
+def services_main(config: Config, parent_pid: int) -> None:
+    """Entry point of the services process."""
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the arbiter, which stops us
+    store = Store(config.db_path, config.db_synchronous)
+    watchdog = InstallWatchdog(store, config.install_timeout)
+    interval = min(30.0, config.install_timeout / 4)
+    next_pass = 0.0
+    while not stopped.is_set() and os.getppid() == parent_pid:
+        if time.monotonic() >= next_pass:
+            try:
+                watchdog.run_once()
+            except Exception:  # the watchdog must outlive a locked or failing database
+                log.exception("install watchdog pass failed")
+            next_pass = time.monotonic() + interval
+        stopped.wait(1.0)
+
+
+class ServicesSupervisor(threading.Thread):
+    """Runs in the arbiter: keeps one services process alive until ``stop``."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(name="services-supervisor", daemon=True)
+        self.config = config
+        self.stopped = threading.Event()
+        self.process: BaseProcess | None = None
+        self._context = multiprocessing.get_context("spawn")
+
+    def _start_process(self) -> None:
+        self.process = self._context.Process(
+            target=services_main, args=(self.config, os.getpid()), name="nodefoundry-services", daemon=False
+        )
+        self.process.start()
+
+    def run(self) -> None:
+        self._start_process()
+        while not self.stopped.wait(1.0):
+            if self.process is not None and not self._alive(self.process):
+                log.error("services process exited with %s; restarting", self.process.exitcode)
+                time.sleep(RESTART_DELAY_SECONDS)
+                if not self.stopped.is_set():
+                    self._start_process()
+
+    @staticmethod
+    def _alive(process: BaseProcess) -> bool:
+        """is_alive() alone is fooled when gunicorn's SIGCHLD handler has already reaped the child."""
+        if not process.is_alive() or process.pid is None:
+            return False
+        try:
+            os.kill(process.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.process is not None and self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout=10)

@@ -97,12 +97,14 @@ def test_stalled_installs_fail_after_the_timeout(store):
     lifecycle.register(store, "aabbccddee00", {}, source="api")
     lifecycle.start_install_many(store, [MAC, "aabbccddee00"], "install", source="api")
     assert lifecycle.expire_stalled_installs(store, 600) == []
-    later = datetime.now(UTC) + timedelta(seconds=601)
-    lifecycle.installer_report(store, "aabbccddee00", "progress", phase="x", detail=None)
-    assert lifecycle.expire_stalled_installs(store, 600, at=later - timedelta(seconds=1)) == [MAC]
+    with store.write() as conn:  # MAC's last progress is old; the other node's is fresh
+        conn.execute("UPDATE nodes SET install_progress_at = '2020-01-01T00:00:00.000Z' WHERE mac = ?", (MAC,))
+    assert lifecycle.expire_stalled_installs(store, 600) == [MAC]
     assert store.get_node(MAC)["status"] == "failed"
     assert kinds(store)[-1] == ("install-timeout", "installing", "failed")
     assert store.get_node("aabbccddee00")["status"] == "installing"
+    later = datetime.now(UTC) + timedelta(seconds=3600)
+    assert lifecycle.expire_stalled_installs(store, 600, at=later) == ["aabbccddee00"]
 
 
 def test_bulk_dry_run_rolls_back(store):

@@ -14,8 +14,9 @@ from flask import Blueprint, Response, request, send_from_directory
 
 from .. import auth, boot, lifecycle, validate
 from ..boot import IPXE_ARCH_TO_DEBIAN, Urls
+from ..nodes import EDITABLE, check_network
 from ..validate import InvalidValue
-from .common import ApiError, config, store
+from .common import ApiError, config, no_content, store
 
 blueprint = Blueprint("boot", __name__)
 
@@ -54,7 +55,7 @@ def _node_script(mac: str) -> str | None:
     if node["status"] == "installed":
         return boot.installed_script(mac)
     if node["status"] != "installing":
-        return boot.wait_script(urls.boot(mac), mac, cfg.boot_poll_interval, "discovered")
+        return boot.wait_script(urls.boot(mac), mac, cfg.boot_poll_interval, node["status"])
     token = _install_token(mac)
     if token is None:
         return boot.wait_script(urls.boot(mac), mac, cfg.boot_poll_interval, "discovered")
@@ -141,6 +142,7 @@ def preseed(mac: str) -> Response:
     node = dict(store().get_node(mac) or {})
     try:
         node.update(_network_overrides())
+        check_network(node)
     except InvalidValue as exc:
         raise ApiError(400, str(exc)) from None
     try:
@@ -152,19 +154,14 @@ def preseed(mac: str) -> Response:
 
 
 def _network_overrides() -> dict[str, object]:
-    """The seed's ``?ip=&netmask=&gateway=&dns=`` query form, validated."""
-    from ..nodes import EDITABLE, check_network
-
-    overrides = {
+    """The seed's ``?ip=&netmask=&gateway=&dns=`` query form, validated; checked with the node's own values."""
+    return {
         key: EDITABLE[key](request.args[key]) for key in ("ip", "netmask", "gateway", "dns") if request.args.get(key)
     }
-    if overrides:
-        check_network(overrides)
-    return overrides
 
 
 @blueprint.post("/installer/<mac>/<event>")
-def installer_callback(mac: str, event: str) -> tuple[str, int]:
+def installer_callback(mac: str, event: str) -> Response:
     if event not in lifecycle.INSTALLER_EVENTS:
         raise ApiError(404, "unknown installer event")
     mac = _installing_mac(mac)
@@ -176,7 +173,7 @@ def installer_callback(mac: str, event: str) -> tuple[str, int]:
         lifecycle.installer_report(store(), mac, event, phase=phase, detail={"remote_addr": request.remote_addr})
     except lifecycle.TransitionRefused as exc:
         raise ApiError(409, str(exc)) from None
-    return "", 204
+    return no_content()
 
 
 @blueprint.get("/assets/<path:subpath>")

@@ -23,6 +23,13 @@ def json_error(status: int, message: str) -> tuple[Response, int]:
     return jsonify(error=message), status
 
 
+def no_content() -> Response:
+    """204 with no body and so no Content-Type."""
+    response = Response(status=204)
+    del response.headers["Content-Type"]
+    return response
+
+
 def json_body() -> dict[str, Any]:
     """The request's JSON object, or 400 ``invalid request body``."""
     body = request.get_json(silent=True, force=True)

@@ -9,7 +9,7 @@ from flask import Blueprint, Response, g, jsonify, request, url_for
 from .. import auth, lifecycle, nodes, validate
 from ..lifecycle import LifecycleError, NodeExists, NodeNotFound
 from ..validate import InvalidValue
-from .common import ApiError, config, json_body, store
+from .common import ApiError, config, json_body, no_content, store
 
 blueprint = Blueprint("nodes", __name__, url_prefix="/api/v1")
 
@@ -54,7 +54,7 @@ def _int_arg(name: str, default: int | None, low: int, high: int) -> int | None:
     raw = request.args.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
         raise ApiError(400, f"invalid {name}: an integer from {low} to {high}")
     return int(raw)
 
@@ -111,12 +111,12 @@ def patch_node(mac: str) -> Response:
 
 
 @blueprint.delete("/nodes/<mac>")
-def delete_node(mac: str) -> tuple[str, int]:
+def delete_node(mac: str) -> Response:
     try:
         nodes.delete(store(), _mac(mac), source="api", actor=_actor())
     except NodeNotFound as exc:
         raise ApiError(404, str(exc)) from None
-    return "", 204
+    return no_content()
 
 
 @blueprint.put("/nodes/<mac>")
@@ -142,6 +142,8 @@ def bulk_action() -> Response:
     """Install or reinstall many nodes in one transaction; one result per MAC."""
     body = json_body()
     action, macs, dry_run = body.get("action"), body.get("macs"), body.get("dry_run", False)
+    if not isinstance(action, str) or not action:
+        raise ApiError(400, "invalid request body")
     if action not in ACTIONS:
         raise ApiError(400, "unknown action")
     if not isinstance(macs, list) or not isinstance(dry_run, bool):
@@ -175,10 +177,9 @@ def node_events(mac: str) -> Response:
     mac = _mac(mac)
     limit = _int_arg("limit", 100, 1, 1000) or 100
     after = _int_arg("after", 0, 0, 2**62) or 0
-    events = store().node_events(mac, limit, after)
-    if not events and after == 0 and store().get_node_row(mac) is None:
+    if store().get_node_row(mac) is None and not store().has_events(mac):
         raise ApiError(404, "node not found")
-    return jsonify(events)
+    return jsonify(store().node_events(mac, limit, after))
 
 
 @blueprint.get("/openapi.json")

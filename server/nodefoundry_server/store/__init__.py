@@ -60,6 +60,13 @@ class Store:
             conn = self._local.conn = self._connect()
         return conn
 
+    def close(self) -> None:
+        """Close this thread's connection (required before this process forks)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
     def open(self) -> int:
         """Create the file if needed and migrate; return the schema version."""
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -109,6 +116,10 @@ class Store:
             (mac, after, limit),
         )
         return [event_json(row) for row in rows]
+
+    def has_events(self, mac: str) -> bool:
+        """A deleted node keeps its history; this tells a forgotten MAC from one never seen."""
+        return self.conn().execute("SELECT 1 FROM node_events WHERE mac = ? LIMIT 1", (mac,)).fetchone() is not None
 
     def setting(self, key: str) -> str | None:
         row = self.conn().execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
