@@ -6,6 +6,7 @@ import sqlite3
 from datetime import UTC, datetime, timedelta
 
 import pytest
+
 from nodefoundry_server import auth, lifecycle, nodes
 from nodefoundry_server.lifecycle import NodeExists, NodeNotFound, TransitionRefused
 from nodefoundry_server.store import Store, schema
