@@ -100,7 +100,11 @@ def _mirror(value: Any) -> str:
 
 def _directory(value: Any) -> str:
     text = str(value).strip()
-    if not text.startswith("/") or not all(ch.isalnum() or ch in "/_.-" for ch in text) or ".." in text:
+    if (
+        not text.startswith("/")
+        or not all((ch.isascii() and ch.isalnum()) or ch in "/_.-" for ch in text)
+        or ".." in text
+    ):
         raise InvalidValue(f"expected an absolute path like /debian, got {value!r}")
     return text
 
@@ -111,6 +115,17 @@ def _proxy(value: Any) -> str:
         raise InvalidValue("expected http://host:port or empty")
     if text:
         validate.host_port(text[len("http://") :].rstrip("/"), "proxy", 3128)
+    return text
+
+
+def _broker(value: Any) -> str:
+    """host[:port] of the MQTT broker; empty or ``embedded`` = the server's own private broker."""
+    text = str(value).strip()
+    if text.lower() in ("", "embedded"):
+        return ""
+    host, _port = validate.host_port(text, "broker", 1883)
+    if not host:
+        raise InvalidValue("needs a broker host, e.g. 10.0.0.1:1883 (or empty for the embedded broker)")
     return text
 
 
@@ -170,7 +185,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("admin_password_hash", "NF_ADMIN_PASSWORD_HASH", "", _optional(validate.crypt_hash), "crypt hash"),
     Setting("admin_ssh_keys", "NF_ADMIN_SSH_KEYS", [], _ssh_keys, "authorized SSH keys of the admin user"),
     Setting("extra_packages", "NF_EXTRA_PACKAGES", [], _list_of(validate.package), "packages to add"),
-    Setting("mqtt_broker", "NF_MQTT_BROKER", "", _text, "MQTT broker host:port ('' = embedded)"),
+    Setting("mqtt_broker", "NF_MQTT_BROKER", "", _broker, "MQTT broker host:port ('' = embedded)"),
     Setting("agent_heartbeat_interval", "NF_HEARTBEAT_INTERVAL", 30, _int_range(5, 3600), "agent interval (s)"),
     Setting("dhcp_addr", "NF_DHCP_ADDR", ":67", _http_addr, "DHCP listen address"),
     Setting("dhcp_interface", "NF_DHCP_INTERFACE", "", _text, "interface to serve DHCP on ('' = off)"),

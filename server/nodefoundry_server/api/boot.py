@@ -32,11 +32,13 @@ def _text(body: str) -> Response:
 
 def _urls() -> Urls:
     """Base URL for generated links: NF_SERVER_ADDR, else the Host the node used."""
-    host = config().server_addr or request.host
+    host = config().server_addr or request.headers.get("Host", "")  # as sent: werkzeug's request.host rewrites it
     try:
-        validate.host_port(host, "Host header", 80)
+        name, _port = validate.host_port(host, "Host header", 80)
     except InvalidValue as exc:
         raise ApiError(400, str(exc)) from None
+    if not name or ":" in name:  # empty (unparseable Host) or IPv6: the installer path is IPv4
+        raise ApiError(400, "invalid Host header: nodes must reach the server by an IPv4 address or name")
     return Urls(f"http://{host}")
 
 
@@ -145,12 +147,12 @@ def preseed(mac: str) -> Response:
         check_network(node)
     except InvalidValue as exc:
         raise ApiError(400, str(exc)) from None
+    urls = _urls()  # a refused request must not count as installer progress
     try:
         lifecycle.installer_report(store(), mac, "progress", phase="preseed-fetched", detail=None)
     except lifecycle.TransitionRefused as exc:
         raise ApiError(403, str(exc)) from None
-    token = request.args["token"]
-    return _text(boot.preseed(config(), node, _urls(), token))
+    return _text(boot.preseed(config(), node, urls, request.args["token"]))
 
 
 def _network_overrides() -> dict[str, object]:
