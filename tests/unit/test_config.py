@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from nodefoundry_server import config
 from nodefoundry_server.config import ConfigError, load
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from nodefoundry_server import config
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"

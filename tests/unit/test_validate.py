@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from nodefoundry_server import validate
 from nodefoundry_server.validate import InvalidValue
 
