@@ -58,29 +58,28 @@ def _node_script(mac: str) -> str | None:
         return boot.installed_script(mac)
     if node["status"] != "installing":
         return boot.wait_script(urls.boot(mac), mac, cfg.boot_poll_interval, node["status"])
-    token = _install_token(mac)
+    token = _install_token(node)
     if token is None:
         return boot.wait_script(urls.boot(mac), mac, cfg.boot_poll_interval, "discovered")
     return boot.installing_script(cfg, node, urls, token, boot.available_arches(cfg.assets_dir))
 
 
-def _install_token(mac: str) -> str | None:
-    """The token to embed, or None when the requester is not the pinned address."""
+def _install_token(node: dict) -> str | None:
+    """The token to embed, or None when the requester is not the pinned address.
+
+    A node with a static address owns its install from there; others from
+    the first address that fetches the install script.
+    """
+    mac = node["mac"]
     found = lifecycle.installing_nonce(store(), mac)
     if found is None:
         return None
     nonce, pinned = found
     if config().install_token_bind_ip:
-        owner = pinned or lifecycle.pin_install_ip(store(), mac, _pin_address(mac))
+        owner = pinned or lifecycle.pin_install_ip(store(), mac, node.get("ip") or request.remote_addr or "")
         if owner != request.remote_addr:
             return None
     return auth.install_token(store(), mac, nonce)
-
-
-def _pin_address(mac: str) -> str:
-    """A node with a static address owns its install from there; others from where they boot."""
-    node = store().get_node(mac) or {}
-    return node.get("ip") or request.remote_addr or ""
 
 
 @blueprint.get("/boot/<mac>/boot.ipxe")
