@@ -754,7 +754,11 @@ def test_early_command_reports_start_steps_and_failure(server: Any, tmp_path: Pa
     assert early.count("/var/log/syslog") >= 2
     box = Sandbox.make(tmp_path / "installer")
     syslog = box.root / "syslog"
-    syslog.write_text("Nov 24 15:30:01 main-menu[238]: INFO: Menu item 'netcfg' selected\n")
+    # d-i logs the command's own text before running it; the watcher must not match itself.
+    syslog.write_text(
+        f"Nov 24 15:30:00 preseed: running preseed command preseed/early_command: {early}\n"
+        "Nov 24 15:30:01 main-menu[238]: INFO: Menu item 'netcfg' selected\n"
+    )
     process = subprocess.Popen(
         [BUSYBOX, "sh", "-c", early.replace("/var/log/syslog", str(syslog))],
         env={"PATH": str(box.bin)},
@@ -776,6 +780,34 @@ def test_early_command_reports_start_steps_and_failure(server: Any, tmp_path: Pa
             )
         wait_for(lambda: get_node(server)["status"] == "failed", 25, "failed")
         assert events(server)[-1]["detail"]["phase"] == "grub-installer"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_early_command_reports_a_mirror_that_cannot_serve_bookworm(server: Any, tmp_path: Path) -> None:
+    """choose-mirror then waits at a dialog and exits with no error code: the warning is the only sign."""
+    create_node(server)
+    act(server, "install")
+    early = debconf_load(fetch_preseed(server)[0], tmp_path / "debconf")["preseed/early_command"]
+    box = Sandbox.make(tmp_path / "installer")
+    syslog = box.root / "syslog"
+    syslog.write_text(
+        f"Nov 24 15:30:00 preseed: running preseed command preseed/early_command: {early}\n"
+        "Nov 24 15:30:05 main-menu[238]: INFO: Menu item 'choose-mirror' selected\n"
+        "Nov 24 15:30:06 choose-mirror[901]: WARNING **: mirror does not support the specified release (bookworm)\n"
+    )
+    process = subprocess.Popen(
+        [BUSYBOX, "sh", "-c", early.replace("/var/log/syslog", str(syslog))],
+        env={"PATH": str(box.bin)},
+        cwd=box.root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: get_node(server)["status"] == "failed", 25, "failed")
+        assert events(server)[-1]["detail"]["phase"] == "choose-mirror"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
