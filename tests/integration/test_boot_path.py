@@ -17,6 +17,7 @@ import signal
 import stat
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,6 +28,7 @@ import yaml
 
 from nodefoundry_server import lifecycle
 from nodefoundry_server.store import Store
+from tests.debconf import debconf_load
 
 MAC = "aabbccddee01"
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
@@ -199,31 +201,6 @@ def fetch_preseed(server: Any, mac: str = MAC) -> tuple[str, str]:
     assert response.status_code == 200, response.text
     assert response.headers["Content-Type"].startswith("text/plain")
     return response.text, token_of(url)
-
-
-def debconf_load(text: str, workdir: Path) -> dict[str, str]:
-    """Check with ``debconf-set-selections -c``, then load into a private database and read the values back."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "debconf.conf").write_text(
-        "Config: configdb\nTemplates: templatedb\n\n"
-        f"Name: configdb\nDriver: File\nFilename: {workdir}/config.dat\n\n"
-        f"Name: templatedb\nDriver: File\nFilename: {workdir}/templates.dat\n"
-    )
-    path = workdir / "preseed.cfg"
-    path.write_text(text)
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBCONF_SYSTEMRC": str(workdir / "debconf.conf")}
-    for args in (["-c", str(path)], [str(path)]):
-        done = subprocess.run(["debconf-set-selections", *args], env=env, capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        assert done.stderr == "", done.stderr  # also no "Unknown type" warnings
-    values: dict[str, str] = {}
-    name = None
-    for line in (workdir / "config.dat").read_text().splitlines():
-        if line.startswith("Name: "):
-            name = line[len("Name: ") :]
-        elif line.startswith("Value: ") and name:
-            values[name] = line[len("Value: ") :]
-    return values
 
 
 def callback_urls(values: dict[str, str]) -> dict[str, str]:
@@ -745,20 +722,18 @@ def test_late_command_without_agent_reports_it_and_still_finishes(server: Any, t
     ]
 
 
-def test_early_command_reports_start_steps_and_failure(server: Any, tmp_path: Path) -> None:
-    """The early_command watcher, run by busybox sh against a syslog written like d-i's main-menu writes it."""
-    create_node(server)
-    act(server, "install")
-    values = debconf_load(fetch_preseed(server)[0], tmp_path / "debconf")
-    early = values["preseed/early_command"]
+@contextlib.contextmanager
+def running_watcher(server: Any, tmp_path: Path, log_lines: str) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
+    """Run the preseed's early_command under busybox sh against a fake installer syslog.
+
+    The syslog starts with the line d-i writes before running the command (its own text, which
+    the watcher must not match), then ``log_lines``.
+    """
+    early = debconf_load(fetch_preseed(server)[0], tmp_path / "debconf")["preseed/early_command"]
     assert early.count("/var/log/syslog") >= 2
     box = Sandbox.make(tmp_path / "installer")
     syslog = box.root / "syslog"
-    # d-i logs the command's own text before running it; the watcher must not match itself.
-    syslog.write_text(
-        f"Nov 24 15:30:00 preseed: running preseed command preseed/early_command: {early}\n"
-        "Nov 24 15:30:01 main-menu[238]: INFO: Menu item 'netcfg' selected\n"
-    )
+    syslog.write_text(f"Nov 24 15:30:00 preseed: running preseed command preseed/early_command: {early}\n{log_lines}")
     process = subprocess.Popen(
         [BUSYBOX, "sh", "-c", early.replace("/var/log/syslog", str(syslog))],
         env={"PATH": str(box.bin)},
@@ -768,6 +743,18 @@ def test_early_command_reports_start_steps_and_failure(server: Any, tmp_path: Pa
         start_new_session=True,
     )
     try:
+        yield syslog, process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_early_command_reports_start_steps_and_failure(server: Any, tmp_path: Path) -> None:
+    """The early_command watcher, run by busybox sh against a syslog written like d-i's main-menu writes it."""
+    create_node(server)
+    act(server, "install")
+    first_step = "Nov 24 15:30:01 main-menu[238]: INFO: Menu item 'netcfg' selected\n"
+    with running_watcher(server, tmp_path, first_step) as (syslog, process):
         assert process.wait(timeout=30) == 0  # the watcher runs in the background; the command returns
         wait_for(lambda: ("installer-started", "started") in kinds(server), 15, "started")
         wait_for(lambda: ("installer-progress", "netcfg") in kinds(server), 25, "progress netcfg")
@@ -780,37 +767,19 @@ def test_early_command_reports_start_steps_and_failure(server: Any, tmp_path: Pa
             )
         wait_for(lambda: get_node(server)["status"] == "failed", 25, "failed")
         assert events(server)[-1]["detail"]["phase"] == "grub-installer"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 def test_early_command_reports_a_mirror_that_cannot_serve_bookworm(server: Any, tmp_path: Path) -> None:
     """choose-mirror then waits at a dialog and exits with no error code: the warning is the only sign."""
     create_node(server)
     act(server, "install")
-    early = debconf_load(fetch_preseed(server)[0], tmp_path / "debconf")["preseed/early_command"]
-    box = Sandbox.make(tmp_path / "installer")
-    syslog = box.root / "syslog"
-    syslog.write_text(
-        f"Nov 24 15:30:00 preseed: running preseed command preseed/early_command: {early}\n"
+    lines = (
         "Nov 24 15:30:05 main-menu[238]: INFO: Menu item 'choose-mirror' selected\n"
         "Nov 24 15:30:06 choose-mirror[901]: WARNING **: mirror does not support the specified release (bookworm)\n"
     )
-    process = subprocess.Popen(
-        [BUSYBOX, "sh", "-c", early.replace("/var/log/syslog", str(syslog))],
-        env={"PATH": str(box.bin)},
-        cwd=box.root,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
+    with running_watcher(server, tmp_path, lines):
         wait_for(lambda: get_node(server)["status"] == "failed", 25, "failed")
         assert events(server)[-1]["detail"]["phase"] == "choose-mirror"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 def test_extra_kernel_arguments_reach_the_kernel_line(server_factory: Any, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import pytest
 from nodefoundry_server import boot
 from nodefoundry_server.boot import IPXE_ARCH_TO_DEBIAN, Urls, _debconf, _ipxe, _sh
 from nodefoundry_server.config import Config, load
+from tests.debconf import debconf_load
 
 MAC = "aabbccddee01"
 URLS = Urls("http://10.0.0.1:8080")
@@ -79,30 +80,6 @@ def arg_map(args: list[str]) -> dict[str, str]:
     keys = [key for key, _ in pairs]
     assert len(keys) == len(set(keys)), f"duplicate kernel arguments: {args}"
     return dict(pairs)  # type: ignore[arg-type]
-
-
-def debconf_load(text: str, workdir: Path) -> dict[str, str]:
-    """Load preseed text with the real debconf-set-selections into a private database; return its values."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "debconf.conf").write_text(
-        "Config: configdb\nTemplates: templatedb\n\n"
-        f"Name: configdb\nDriver: File\nFilename: {workdir}/config.dat\n\n"
-        f"Name: templatedb\nDriver: File\nFilename: {workdir}/templates.dat\n"
-    )
-    (workdir / "preseed.cfg").write_text(text)
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBCONF_SYSTEMRC": str(workdir / "debconf.conf")}
-    done = subprocess.run(
-        ["debconf-set-selections", str(workdir / "preseed.cfg")], env=env, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0 and not done.stderr, done.stderr
-    values: dict[str, str] = {}
-    name = None
-    for line in (workdir / "config.dat").read_text().splitlines():
-        if line.startswith("Name: "):
-            name = line[len("Name: ") :]
-        elif line.startswith("Value: ") and name:
-            values[name] = line[len("Value: ") :]
-    return values
 
 
 # --- _ipxe -------------------------------------------------------------------------------------
