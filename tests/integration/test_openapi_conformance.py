@@ -16,8 +16,9 @@ from importlib import resources
 from typing import Any
 
 import requests
-from conftest import ADMIN_TOKEN, SERVER_BIN, Server
 from openapi_schema_validator import OAS30Validator, oas30_format_checker
+
+from tests.conftest import ADMIN_TOKEN, SERVER_BIN, Server
 
 SPEC: dict[str, Any] = json.loads(
     resources.files("nodefoundry_server.api").joinpath("openapi.json").read_text(encoding="utf-8")
