@@ -171,7 +171,6 @@ def _text(value: Any) -> str | None:
     return json.dumps(value, sort_keys=True)
 
 
-_JSON_FIELDS = ("dns", "labels", "facts")
 _OPTIONAL_FIELDS = ("ip", "netmask", "gateway", "hostname", "arch", "profile", "last_heartbeat", "install_phase")
 
 
