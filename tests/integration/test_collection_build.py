@@ -84,8 +84,7 @@ def _copy_source_tree(destination: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("git") is None or not (REPO / ".git").exists():
-        pytest.skip("needs a git checkout of the repository")
+    assert shutil.which("git") and (REPO / ".git").exists(), "this test builds from a git checkout of the repository"
     work = tmp_path_factory.mktemp("collection")
     source = work / "src"
     copied = _copy_source_tree(source)
