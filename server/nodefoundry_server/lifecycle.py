@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .store import Store, add_event, now
+from .store import Store, add_event, now, stamp
 
 INSTALL_FROM = {"install": ("discovered",), "reinstall": ("installed", "failed")}
 
@@ -67,14 +67,14 @@ def register(
     store: Store, mac: str, fields: dict[str, Any], *, source: str, actor: str | None = None
 ) -> dict[str, Any]:
     """Create a node in ``discovered``; raise NodeExists if the MAC is known."""
-    stamp = now()
+    when = now()
     columns = {key: _column(value) for key, value in fields.items()}
     try:
         with store.write() as conn:
             names = ", ".join(["mac", "status", "created_at", "updated_at", *columns])
             marks = ", ".join("?" * (4 + len(columns)))
             conn.execute(
-                f"INSERT INTO nodes ({names}) VALUES ({marks})", [mac, "discovered", stamp, stamp, *columns.values()]
+                f"INSERT INTO nodes ({names}) VALUES ({marks})", [mac, "discovered", when, when, *columns.values()]
             )
             add_event(
                 conn,
@@ -85,7 +85,7 @@ def register(
                 new="discovered",
                 detail=fields or None,
                 actor=actor,
-                at=stamp,
+                at=when,
             )
     except sqlite3.IntegrityError:
         raise NodeExists() from None
@@ -122,16 +122,16 @@ def _start_install(conn: sqlite3.Connection, mac: str, action: str, source: str,
         return Outcome(mac, True, False, status)
     if status not in INSTALL_FROM[action]:
         return Outcome(mac, False, False, status, _refusal(action, status))
-    stamp = now()
+    when = now()
     updated = conn.execute(
         "UPDATE nodes SET status = 'installing', install_nonce = ?, install_ip = NULL, install_phase = 'queued',"
         " install_started_at = ?, install_progress_at = ?, updated_at = ?, revision = revision + 1"
         " WHERE mac = ? AND status = ?",
-        (secrets.token_hex(16), stamp, stamp, stamp, mac, status),
+        (secrets.token_hex(16), when, when, when, mac, status),
     ).rowcount
     if updated != 1:  # cannot happen under BEGIN IMMEDIATE; kept as the compare-and-set guard
         raise RuntimeError(f"lost compare-and-set on {mac}")
-    add_event(conn, mac, source, action, field="status", old=status, new="installing", actor=actor, at=stamp)
+    add_event(conn, mac, source, action, field="status", old=status, new="installing", actor=actor, at=when)
     return Outcome(mac, True, True, "installing")
 
 
@@ -186,7 +186,7 @@ def installer_report(store: Store, mac: str, event: str, *, phase: str | None, d
     moves the node to ``installed`` (its next PXE boot goes to the local disk);
     ``failed`` moves it to ``failed``. The install token dies with the install.
     """
-    stamp = now()
+    when = now()
     with store.write() as conn:
         row = conn.execute("SELECT status, install_phase FROM nodes WHERE mac = ?", (mac,)).fetchone()
         if row is None or row["status"] != "installing":
@@ -196,7 +196,7 @@ def installer_report(store: Store, mac: str, event: str, *, phase: str | None, d
             conn.execute(
                 "UPDATE nodes SET install_phase = ?, install_progress_at = ?, updated_at = ?, revision = revision + 1"
                 " WHERE mac = ? AND status = 'installing'",
-                (new_phase, stamp, stamp, mac),
+                (new_phase, when, when, mac),
             )
             if new_phase != row["install_phase"]:
                 add_event(
@@ -208,11 +208,11 @@ def installer_report(store: Store, mac: str, event: str, *, phase: str | None, d
                     old=row["install_phase"],
                     new=new_phase,
                     detail=detail,
-                    at=stamp,
+                    at=when,
                 )
             return "installing"
         new_status = "installed" if event == "finished" else "failed"
-        _end_install(conn, mac, new_status, stamp)
+        _end_install(conn, mac, new_status, when)
         add_event(
             conn,
             mac,
@@ -222,29 +222,29 @@ def installer_report(store: Store, mac: str, event: str, *, phase: str | None, d
             old="installing",
             new=new_status,
             detail={**(detail or {}), **({"phase": phase} if phase else {})} or None,
-            at=stamp,
+            at=when,
         )
         return new_status
 
 
-def _end_install(conn: sqlite3.Connection, mac: str, status: str, stamp: str) -> None:
+def _end_install(conn: sqlite3.Connection, mac: str, status: str, when: str) -> None:
     conn.execute(
         "UPDATE nodes SET status = ?, install_nonce = NULL, install_ip = NULL, install_phase = ?,"
         " updated_at = ?, revision = revision + 1 WHERE mac = ? AND status = 'installing'",
-        (status, "finished" if status == "installed" else "failed", stamp, mac),
+        (status, "finished" if status == "installed" else "failed", when, mac),
     )
 
 
 def mark_installed(store: Store, mac: str, *, source: str, detail: dict[str, Any] | None = None) -> bool:
     """An installing node that reports in (agent status) is installed; True if it changed."""
-    stamp = now()
+    when = now()
     with store.write() as conn:
         row = conn.execute("SELECT status FROM nodes WHERE mac = ?", (mac,)).fetchone()
         if row is None or row["status"] != "installing":
             return False
-        _end_install(conn, mac, "installed", stamp)
+        _end_install(conn, mac, "installed", when)
         add_event(
-            conn, mac, source, "installed", field="status", old="installing", new="installed", detail=detail, at=stamp
+            conn, mac, source, "installed", field="status", old="installing", new="installed", detail=detail, at=when
         )
     return True
 
@@ -252,15 +252,15 @@ def mark_installed(store: Store, mac: str, *, source: str, detail: dict[str, Any
 def expire_stalled_installs(store: Store, timeout_seconds: int, *, at: datetime | None = None) -> list[str]:
     """Fail installs without progress for ``timeout_seconds``; return their MACs."""
     current = at or datetime.now(UTC)
-    cutoff = (current - timedelta(seconds=timeout_seconds)).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-    stamp = now()
+    cutoff = stamp(current - timedelta(seconds=timeout_seconds))
+    when = now()
     with store.write() as conn:
         rows = conn.execute(
             "SELECT mac, install_progress_at FROM nodes WHERE status = 'installing' AND install_progress_at < ?",
             (cutoff,),
         ).fetchall()
         for row in rows:
-            _end_install(conn, row["mac"], "failed", stamp)
+            _end_install(conn, row["mac"], "failed", when)
             add_event(
                 conn,
                 row["mac"],
@@ -270,7 +270,7 @@ def expire_stalled_installs(store: Store, timeout_seconds: int, *, at: datetime 
                 old="installing",
                 new="failed",
                 detail={"last_progress_at": row["install_progress_at"], "timeout_seconds": timeout_seconds},
-                at=stamp,
+                at=when,
             )
     return [row["mac"] for row in rows]
 

@@ -10,6 +10,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify
 
 from .. import __version__, boot
+from ..store import parse_stamp
 from .common import config, store
 
 blueprint = Blueprint("health", __name__)
@@ -32,7 +33,7 @@ def go_duration(seconds: float) -> str:
 
 
 def _age_seconds(stamp: str) -> float:
-    return (datetime.now(UTC) - datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)).total_seconds()
+    return (datetime.now(UTC) - parse_stamp(stamp)).total_seconds()
 
 
 def _store_component() -> dict[str, Any]:

@@ -27,9 +27,17 @@ NODE_COLUMNS = (
 STATUSES = ("discovered", "installing", "installed", "failed")
 
 
+def stamp(moment: datetime) -> str:
+    """A UTC timestamp as stored: RFC 3339 with milliseconds, so it sorts as text."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def parse_stamp(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
 def now() -> str:
-    """UTC timestamp, RFC 3339 with milliseconds; sorts as text."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return stamp(datetime.now(UTC))
 
 
 class Store:
