@@ -27,9 +27,9 @@ EDITABLE: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def parse_fields(body: Mapping[str, Any], profiles: Mapping[str, Any], allowed: tuple[str, ...] = ()) -> dict[str, Any]:
+def parse_fields(body: Mapping[str, Any], profiles: Mapping[str, Any]) -> dict[str, Any]:
     """Validate editable fields; ``None`` (JSON null) or "" clears a field."""
-    unknown = sorted(set(body) - set(EDITABLE) - set(allowed))
+    unknown = sorted(set(body) - set(EDITABLE))
     if unknown:
         raise InvalidValue(f"unknown field {unknown[0]!r}; editable: {', '.join(EDITABLE)}")
     fields: dict[str, Any] = {}

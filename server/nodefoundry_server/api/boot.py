@@ -16,7 +16,7 @@ from .. import auth, boot, lifecycle, validate
 from ..boot import IPXE_ARCH_TO_DEBIAN, Urls
 from ..nodes import EDITABLE, check_network
 from ..validate import InvalidValue
-from .common import ApiError, config, no_content, store
+from .common import ApiError, config, no_content, path_mac, store
 
 blueprint = Blueprint("boot", __name__)
 
@@ -40,13 +40,6 @@ def _urls() -> Urls:
     if not name or ":" in name:  # empty (unparseable Host) or IPv6: the installer path is IPv4
         raise ApiError(400, "invalid Host header: nodes must reach the server by an IPv4 address or name")
     return Urls(f"http://{host}")
-
-
-def _mac(raw: str) -> str:
-    try:
-        return validate.mac(raw)
-    except InvalidValue as exc:
-        raise ApiError(400, str(exc)) from None
 
 
 def _node_script(mac: str) -> str | None:
@@ -84,7 +77,7 @@ def _install_token(node: dict) -> str | None:
 
 @blueprint.get("/boot/<mac>/boot.ipxe")
 def node_script(mac: str) -> Response:
-    script = _node_script(_mac(mac))
+    script = _node_script(path_mac(mac))
     if script is None:
         raise ApiError(404, "node not found")
     return _text(script)
@@ -96,7 +89,7 @@ def entry_script() -> Response:
     raw = request.args.get("mac")
     if raw is None:
         return _text(boot.entry_script(_urls()))
-    mac = _mac(raw)
+    mac = path_mac(raw)
     if config().auto_register:
         lifecycle.register_if_new(store(), mac, _boot_facts(), source="boot")
     script = _node_script(mac)
@@ -122,7 +115,7 @@ def _boot_facts() -> dict[str, object]:
 
 def _installing_mac(mac: str) -> str:
     """Check the install token (and pinned address); 404 for unknown, 403 otherwise."""
-    mac = _mac(mac)
+    mac = path_mac(mac)
     found = lifecycle.installing_nonce(store(), mac)
     token = request.args.get("token", "")
     if found is None:

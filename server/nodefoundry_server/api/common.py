@@ -6,8 +6,10 @@ from typing import Any
 
 from flask import Response, current_app, jsonify, request
 
+from .. import validate
 from ..config import Config
 from ..store import Store
+from ..validate import InvalidValue
 
 
 class ApiError(Exception):
@@ -36,6 +38,14 @@ def json_body() -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, "invalid request body")
     return body
+
+
+def path_mac(raw: object) -> str:
+    """A MAC from the URL or body, normalised, or 400 ``invalid MAC address format``."""
+    try:
+        return validate.mac(raw)
+    except InvalidValue as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 def config() -> Config:

@@ -9,7 +9,8 @@ from flask import Blueprint, Response, g, jsonify, request, url_for
 from .. import auth, lifecycle, nodes, validate
 from ..lifecycle import LifecycleError, NodeExists, NodeNotFound
 from ..validate import InvalidValue
-from .common import ApiError, config, json_body, no_content, store
+from .common import ApiError, config, json_body, no_content, path_mac, store
+from .openapi import document as openapi_document
 
 blueprint = Blueprint("nodes", __name__, url_prefix="/api/v1")
 
@@ -43,13 +44,6 @@ def _actor() -> str:
     return g.principal.name
 
 
-def _mac(raw: str) -> str:
-    try:
-        return validate.mac(raw)
-    except InvalidValue as exc:
-        raise ApiError(400, str(exc)) from None
-
-
 def _int_arg(name: str, default: int | None, low: int, high: int) -> int | None:
     raw = request.args.get(name)
     if raw is None or raw == "":
@@ -76,7 +70,7 @@ def list_nodes() -> Response:
 @blueprint.post("/nodes")
 def create_node() -> tuple[Response, int, dict[str, str]]:
     body = json_body()
-    mac = _mac(body.get("mac"))  # type: ignore[arg-type]
+    mac = path_mac(body.get("mac"))  # type: ignore[arg-type]
     try:
         fields = nodes.parse_fields({k: v for k, v in body.items() if k != "mac"}, config().profiles)
         fields = {key: value for key, value in fields.items() if value is not None}
@@ -91,7 +85,7 @@ def create_node() -> tuple[Response, int, dict[str, str]]:
 
 @blueprint.get("/nodes/<mac>")
 def get_node(mac: str) -> Response:
-    node = store().get_node(_mac(mac))
+    node = store().get_node(path_mac(mac))
     if node is None:
         raise ApiError(404, "node not found")
     return jsonify(node)
@@ -99,7 +93,7 @@ def get_node(mac: str) -> Response:
 
 @blueprint.patch("/nodes/<mac>")
 def patch_node(mac: str) -> Response:
-    mac = _mac(mac)
+    mac = path_mac(mac)
     body = json_body()
     try:
         fields = nodes.parse_fields(body, config().profiles)
@@ -113,7 +107,7 @@ def patch_node(mac: str) -> Response:
 @blueprint.delete("/nodes/<mac>")
 def delete_node(mac: str) -> Response:
     try:
-        nodes.delete(store(), _mac(mac), source="api", actor=_actor())
+        nodes.delete(store(), path_mac(mac), source="api", actor=_actor())
     except NodeNotFound as exc:
         raise ApiError(404, str(exc)) from None
     return no_content()
@@ -122,7 +116,7 @@ def delete_node(mac: str) -> Response:
 @blueprint.put("/nodes/<mac>")
 def act_on_node(mac: str) -> Response:
     """Seed-compatible action endpoint: ``{"action": "install" | "reinstall"}``."""
-    mac = _mac(mac)
+    mac = path_mac(mac)
     body = json_body()
     action = body.get("action")
     if not isinstance(action, str) or not action:
@@ -174,7 +168,7 @@ def bulk_action() -> Response:
 
 @blueprint.get("/nodes/<mac>/events")
 def node_events(mac: str) -> Response:
-    mac = _mac(mac)
+    mac = path_mac(mac)
     limit = _int_arg("limit", 100, 1, 1000) or 100
     after = _int_arg("after", 0, 0, 2**62) or 0
     if store().get_node_row(mac) is None and not store().has_events(mac):
@@ -184,6 +178,4 @@ def node_events(mac: str) -> Response:
 
 @blueprint.get("/openapi.json")
 def openapi() -> Response:
-    from .openapi import document
-
-    return jsonify(document())
+    return jsonify(openapi_document())
