@@ -80,7 +80,9 @@ def authenticate(store: Store, token: str, env_admin_token: str = "") -> Princip
 
 
 def install_token(store: Store, mac: str, nonce: str) -> str:
-    secret = store.setting("install_token_secret") or ""
+    secret = store.setting("install_token_secret")
+    if not secret:  # written by the first migration; without it every token would be guessable
+        raise RuntimeError("install_token_secret is missing from the settings table")
     return hmac.new(secret.encode(), f"{mac}:{nonce}".encode(), hashlib.sha256).hexdigest()[:40]
 
 

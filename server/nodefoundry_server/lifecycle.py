@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .store import Store, add_event, now, stamp
+from .store import STATUSES, Store, add_event, now, stamp
 
 INSTALL_FROM = {"install": ("discovered",), "reinstall": ("installed", "failed")}
 
@@ -142,15 +142,16 @@ def start_install(store: Store, mac: str, action: str, *, source: str, actor: st
     the seed did, so a repeated PUT is visible to the caller.
     """
     with store.write() as conn:
-        row = conn.execute("SELECT status FROM nodes WHERE mac = ?", (mac,)).fetchone()
-        if row is None:
-            raise NodeNotFound()
-        if row["status"] == "installing":
-            raise TransitionRefused(_refusal(action, "installing"))
         outcome = _start_install(conn, mac, action, source, actor)
-    if not outcome.ok:
-        raise TransitionRefused(outcome.error or "refused")
+    if outcome.status is None:
+        raise NodeNotFound()
+    if not outcome.changed:
+        raise TransitionRefused(outcome.error or _refusal(action, outcome.status))
     return store.get_node(mac) or {}
+
+
+class _Rollback(Exception):
+    """Raised inside a write transaction to undo it (dry runs)."""
 
 
 def start_install_many(
@@ -161,17 +162,13 @@ def start_install_many(
     With ``dry_run`` the transaction is rolled back: the answer says what
     would change (Ansible check mode) and nothing is stored.
     """
-
-    class _DryRun(Exception):
-        pass
-
     outcomes: list[Outcome] = []
     try:
         with store.write() as conn:
             outcomes = [_start_install(conn, mac, action, source, actor) for mac in macs]
             if dry_run:
-                raise _DryRun()
-    except _DryRun:
+                raise _Rollback()
+    except _Rollback:
         pass
     return outcomes
 
@@ -297,8 +294,6 @@ def pin_install_ip(store: Store, mac: str, ip: str) -> str:
 
 def statuses(values: Iterable[str]) -> list[str]:
     """Validate a status filter."""
-    from .store import STATUSES
-
     chosen = [value for value in values if value]
     bad = [value for value in chosen if value not in STATUSES]
     if bad:

@@ -24,8 +24,6 @@ from .config import Config, ConfigError
 from .services import ServicesSupervisor, record_unbuilt_components
 from .store import Store
 
-log = logging.getLogger("nodefoundry")
-
 ADMIN_TOKEN_FILE = "admin.token"
 
 
