@@ -8,7 +8,8 @@ PYTHON ?= python3
 DEB_PACKAGES := python3-venv python3-dev gcc debconf dash busybox sqlite3 curl \
 	debian-installer-12-netboot-amd64 debian-installer-12-netboot-arm64 ipxe \
 	mosquitto mosquitto-clients udhcpc isc-dhcp-client qemu-system-x86 ipxe-qemu ovmf \
-	wrk nginx-light psmisc iproute2 dnsmasq-base
+	wrk nginx-light psmisc iproute2 dnsmasq-base \
+	isc-dhcp-relay tftp-hpa python3-paho-mqtt
 STAMP := $(VENV)/.setup-stamp
 
 .PHONY: setup run test lint format bench collection clean
@@ -20,13 +21,13 @@ debian-packages:
 	if [ -n "$$missing" ]; then \
 		echo "make setup: installing Debian packages:" $$missing; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-		systemctl disable --now nginx mosquitto >/dev/null 2>&1 || true; \
+		systemctl disable --now nginx mosquitto isc-dhcp-relay >/dev/null 2>&1 || true; \
 	fi
 
-$(STAMP): server/pyproject.toml requirements-dev.txt
+$(STAMP): server/pyproject.toml agent/pyproject.toml requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e server -r requirements-dev.txt
+	$(BIN)/pip install -q -e agent -e server -r requirements-dev.txt
 	touch $@
 
 run: setup

@@ -7,6 +7,7 @@ reason, which the CLI prints as one line before exiting.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -146,6 +147,87 @@ def _ssh_keys(value: Any) -> list[str]:
     return [validate.ssh_key(item) for item in items]
 
 
+def _structured(value: Any, what: str) -> Any:
+    """File values arrive as YAML; the environment carries the same shape as YAML/JSON text."""
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise InvalidValue(f"expected {what} as YAML or JSON") from None
+    return value
+
+
+_SUBNET_KEYS = ("pool_start", "pool_end", "netmask", "gateway", "dns", "lease_time")
+
+
+def _subnet(raw: Any, number: int) -> dict[str, Any]:
+    where = f"subnet {number + 1}"
+    if not isinstance(raw, dict):
+        raise InvalidValue(f"{where}: expected a mapping with {', '.join(_SUBNET_KEYS)}")
+    unknown = sorted(str(key) for key in raw if key not in _SUBNET_KEYS)
+    if unknown:
+        raise InvalidValue(f"{where}: unknown key {unknown[0]!r}")
+    try:
+        subnet = {
+            "pool_start": validate.ipv4(raw.get("pool_start", ""), "pool_start"),
+            "pool_end": validate.ipv4(raw.get("pool_end", ""), "pool_end"),
+            "netmask": validate.netmask(raw.get("netmask", "")),
+            "gateway": validate.ipv4(raw["gateway"], "gateway") if raw.get("gateway") else "",
+            "dns": validate.dns_list(raw["dns"]) if raw.get("dns") else None,
+            "lease_time": _int_range(60, 31536000)(raw["lease_time"]) if raw.get("lease_time") else None,
+        }
+    except InvalidValue as exc:
+        raise InvalidValue(f"{where}: {exc}") from None
+    problem = pool_problem(subnet["pool_start"], subnet["pool_end"], subnet["netmask"], subnet["gateway"])
+    if problem:
+        raise InvalidValue(f"{where}: {problem}")
+    return subnet
+
+
+def _subnets(value: Any) -> list[dict[str, Any]]:
+    """Extra subnets (reached through DHCP relays), each with its own pool."""
+    raw = _structured(value, "a list of subnets")
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise InvalidValue("expected a list of subnets")
+    return [_subnet(item, number) for number, item in enumerate(raw)]
+
+
+def _boot_files(value: Any) -> dict[int, str]:
+    """Option 93 architecture number -> boot file name, e.g. ``{7: snponly.efi}`` or ``7=snponly.efi``."""
+    raw = value
+    if isinstance(value, str):
+        pairs = [item.split("=", 1) for item in value.replace(",", " ").split() if item]
+        if any(len(pair) != 2 for pair in pairs):
+            raise InvalidValue("expected ARCH=FILE pairs, e.g. 7=snponly.efi")
+        raw = dict(pairs)
+    if not isinstance(raw, dict):
+        raise InvalidValue("expected a mapping of option 93 architecture number to boot file")
+    files = {}
+    for arch, file_name in raw.items():
+        number = _int_range(0, 65535)(arch)
+        files[number] = validate.boot_file(file_name)
+    return files
+
+
+def pool_problem(start: str, end: str, netmask: str, gateway: str = "") -> str:
+    """Why a pool cannot work in its subnet, or '' when it can."""
+    start_ip, end_ip = ipaddress.IPv4Address(start), ipaddress.IPv4Address(end)
+    network = ipaddress.IPv4Network(f"{start}/{netmask}", strict=False)
+    if start_ip > end_ip:
+        return f"pool start {start} is after pool end {end}"
+    if end_ip not in network:
+        return f"pool end {end} is outside the subnet {network} of pool start {start}"
+    if start_ip == network.network_address or end_ip == network.broadcast_address:
+        return f"the pool {start}-{end} includes the network or broadcast address of {network}"
+    if gateway and ipaddress.IPv4Address(gateway) not in network:
+        return f"gateway {gateway} is outside the subnet {network}"
+    return ""
+
+
 @dataclass(frozen=True)
 class Setting:
     key: str
@@ -197,6 +279,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dhcp_lease_time", "NF_DHCP_LEASE_TIME", 86400, _int_range(60, 31536000), "lease seconds"),
     Setting("dhcp_tftp_server", "NF_DHCP_TFTP_SERVER", "", _optional(validate.ipv4), "TFTP server address"),
     Setting("dhcp_proxy_mode", "NF_DHCP_PROXY_MODE", False, _bool, "ProxyDHCP beside another server"),
+    Setting("dhcp_subnets", "NF_DHCP_SUBNETS", [], _subnets, "further (relayed) subnets"),
+    Setting("dhcp_boot_files", "NF_DHCP_BOOT_FILES", {}, _boot_files, "option 93 arch -> boot file overrides"),
+    Setting("dhcp_efi_loader", "NF_DHCP_EFI_LOADER", "ipxe.efi", _choice("ipxe.efi", "snponly.efi"), "x86-64 EFI"),
+    Setting("dhcp_register_all", "NF_DHCP_REGISTER_ALL", False, _bool, "register non-PXE DHCP clients as nodes"),
+    Setting("tftp_addr", "NF_TFTP_ADDR", "", _optional(_http_addr), "TFTP listen address ('' = :69 with DHCP)"),
+    Setting("tftp_ipxe_dir", "NF_TFTP_IPXE_DIR", "/usr/lib/ipxe", _required_text, "iPXE binaries served by TFTP"),
+    Setting("mqtt_username", "NF_MQTT_USERNAME", "", _text, "server's user on an external broker"),
+    Setting("mqtt_password", "NF_MQTT_PASSWORD", "", _text, "server's password on an external broker"),
+    Setting("mqtt_tls", "NF_MQTT_TLS", False, _bool, "TLS to the external broker"),
+    Setting("mqtt_ca_file", "NF_MQTT_CA_FILE", "", _text, "CA bundle for broker TLS ('' = system CAs)"),
+    Setting("mqtt_node_broker", "NF_MQTT_NODE_BROKER", "", _optional(_broker), "broker host:port given to nodes"),
+    Setting("mqtt_embedded_listen", "NF_MQTT_EMBEDDED_LISTEN", "", _optional(_http_addr), "node-facing listener"),
+    Setting("mqtt_node_auth", "NF_MQTT_NODE_AUTH", True, _bool, "per-node broker credentials and ACL"),
+    Setting("mqtt_password_file", "NF_MQTT_PASSWORD_FILE", "", _text, "password file the server maintains"),
+    Setting("mqtt_acl_file", "NF_MQTT_ACL_FILE", "", _text, "ACL file the server maintains"),
+    Setting("mqtt_reload_command", "NF_MQTT_RELOAD_COMMAND", "", _text, "command that reloads an external broker"),
+    Setting("mqtt_register_unknown", "NF_MQTT_REGISTER_UNKNOWN", False, _bool, "register unknown MQTT nodes"),
+    Setting("command_timeout", "NF_COMMAND_TIMEOUT", 300, _int_range(1, 86400), "default command deadline (s)"),
 )
 
 _PROFILE_FIELDS: dict[str, Callable[[Any], Any]] = {
@@ -321,3 +421,7 @@ def _check_dhcp_pool(values: dict[str, Any], origin: dict[str, str]) -> None:
         raise ConfigError(f"{start_name}/{end_name}: set both or neither")
     if start and tuple(map(int, start.split("."))) > tuple(map(int, end.split("."))):
         raise ConfigError(f"{start_name}: {start} is after {end_name} {end}")
+    if start:
+        problem = pool_problem(start, end, values["dhcp_netmask"], values["dhcp_gateway"])
+        if problem:
+            raise ConfigError(f"{start_name}/{end_name}: {problem}")

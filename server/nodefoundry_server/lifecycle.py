@@ -67,29 +67,37 @@ def register(
     store: Store, mac: str, fields: dict[str, Any], *, source: str, actor: str | None = None
 ) -> dict[str, Any]:
     """Create a node in ``discovered``; raise NodeExists if the MAC is known."""
+    with store.write() as conn:
+        if not register_in(conn, mac, fields, source=source, actor=actor):
+            raise NodeExists()
+    return store.get_node(mac) or {}
+
+
+def register_in(
+    conn: sqlite3.Connection, mac: str, fields: dict[str, Any], *, source: str, actor: str | None = None
+) -> bool:
+    """Register inside the caller's transaction (batched writers); False if the MAC is already known."""
     when = now()
     columns = {key: _column(value) for key, value in fields.items()}
-    try:
-        with store.write() as conn:
-            names = ", ".join(["mac", "status", "created_at", "updated_at", *columns])
-            marks = ", ".join("?" * (4 + len(columns)))
-            conn.execute(
-                f"INSERT INTO nodes ({names}) VALUES ({marks})", [mac, "discovered", when, when, *columns.values()]
-            )
-            add_event(
-                conn,
-                mac,
-                source,
-                "registered",
-                field="status",
-                new="discovered",
-                detail=fields or None,
-                actor=actor,
-                at=when,
-            )
-    except sqlite3.IntegrityError:
-        raise NodeExists() from None
-    return store.get_node(mac) or {}
+    names = ", ".join(["mac", "status", "created_at", "updated_at", *columns])
+    marks = ", ".join("?" * (4 + len(columns)))
+    inserted = conn.execute(
+        f"INSERT INTO nodes ({names}) VALUES ({marks}) ON CONFLICT (mac) DO NOTHING",
+        [mac, "discovered", when, when, *columns.values()],
+    ).rowcount
+    if inserted:
+        add_event(
+            conn,
+            mac,
+            source,
+            "registered",
+            field="status",
+            new="discovered",
+            detail=fields or None,
+            actor=actor,
+            at=when,
+        )
+    return bool(inserted)
 
 
 def register_if_new(store: Store, mac: str, fields: dict[str, Any], *, source: str) -> bool:
@@ -234,15 +242,18 @@ def _end_install(conn: sqlite3.Connection, mac: str, status: str, when: str) -> 
 
 def mark_installed(store: Store, mac: str, *, source: str, detail: dict[str, Any] | None = None) -> bool:
     """An installing node that reports in (agent status) is installed; True if it changed."""
-    when = now()
     with store.write() as conn:
-        row = conn.execute("SELECT status FROM nodes WHERE mac = ?", (mac,)).fetchone()
-        if row is None or row["status"] != "installing":
-            return False
-        _end_install(conn, mac, "installed", when)
-        add_event(
-            conn, mac, source, "installed", field="status", old="installing", new="installed", detail=detail, at=when
-        )
+        return mark_installed_in(conn, mac, source=source, detail=detail)
+
+
+def mark_installed_in(conn: sqlite3.Connection, mac: str, *, source: str, detail: dict[str, Any] | None = None) -> bool:
+    """``mark_installed`` inside the caller's transaction (the batched MQTT writer)."""
+    when = now()
+    row = conn.execute("SELECT status FROM nodes WHERE mac = ?", (mac,)).fetchone()
+    if row is None or row["status"] != "installing":
+        return False
+    _end_install(conn, mac, "installed", when)
+    add_event(conn, mac, source, "installed", field="status", old="installing", new="installed", detail=detail, at=when)
     return True
 
 

@@ -21,7 +21,7 @@ from gunicorn.app.base import BaseApplication
 from . import __version__, auth, boot, validate
 from .api import create_app
 from .config import Config, ConfigError
-from .services import ServicesSupervisor, record_unbuilt_components
+from .services import ServicesSupervisor, preflight
 from .store import Store
 
 ADMIN_TOKEN_FILE = "admin.token"
@@ -106,11 +106,11 @@ def _primary_address() -> str:
 def run(config: Config) -> int:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, port = check_port_free(config.http_addr)
+    preflight(config)
     store = Store(config.db_path, config.db_synchronous)
     store.open()
     Path(config.assets_dir).mkdir(parents=True, exist_ok=True)
     token, token_path = ensure_admin_token(store, config)
-    record_unbuilt_components(store, config)
     store.close()  # nothing that forks may hold a SQLite connection
     services = ServicesSupervisor(config)
     services.start()

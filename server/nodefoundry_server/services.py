@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 from multiprocessing.process import BaseProcess
+from typing import Protocol
 
 from . import lifecycle
 from .config import Config
@@ -44,13 +45,43 @@ class InstallWatchdog:
         self.store.set_component("install_watchdog", "ok", f"timeout {self.timeout_seconds} s")
 
 
-def record_unbuilt_components(store: Store, config: Config) -> None:
-    """Say plainly in /health what this build does not run yet."""
-    dhcp = "configured but not available in this version" if config.dhcp_enabled else "off (NF_DHCP_INTERFACE unset)"
-    store.set_component("dhcp", "unavailable" if config.dhcp_enabled else "disabled", dhcp)
-    store.set_component("tftp", "disabled", "served with DHCP")
-    store.set_component("mqtt", "disabled", "not available in this version")
-    store.set_component("install_watchdog", "starting", "services process starting")
+class Service(Protocol):
+    """A background service. ``start`` returns once it serves (on threads of its own) and raises
+    only for a fault that must restart the services process; ``stop`` ends it within seconds."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def build_services(config: Config, store: Store) -> list[Service]:
+    """The services this configuration asks for; disabled ones say so in /health."""
+    from .dhcp import DhcpService
+    from .mqtt import MqttService
+    from .tftp import TftpService, tftp_enabled
+
+    services: list[Service] = []
+    if config.dhcp_enabled:
+        services.append(DhcpService(config, store))
+    else:
+        store.set_component("dhcp", "disabled", "off (NF_DHCP_INTERFACE unset)")
+    if tftp_enabled(config):
+        services.append(TftpService(config, store))
+    else:
+        store.set_component("tftp", "disabled", "off (runs with DHCP, or set NF_TFTP_ADDR)")
+    services.append(MqttService(config, store))
+    return services
+
+
+def preflight(config: Config) -> None:
+    """Checks that must fail the start-up in one line (ConfigError) rather than leave a half-running server."""
+    from .dhcp import preflight as dhcp_preflight
+    from .mqtt import preflight as mqtt_preflight
+    from .tftp import preflight as tftp_preflight
+
+    dhcp_preflight(config)
+    tftp_preflight(config)
+    mqtt_preflight(config)
 
 
 def services_main(config: Config, parent_pid: int) -> None:
@@ -60,6 +91,21 @@ def services_main(config: Config, parent_pid: int) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the arbiter, which stops us
     store = Store(config.db_path, config.db_synchronous)
+    store.set_component("install_watchdog", "starting", "services process starting")
+    services = build_services(config, store)
+    try:
+        for service in services:
+            service.start()
+        _watch_installs(config, store, stopped, parent_pid)
+    finally:
+        for service in reversed(services):
+            try:
+                service.stop()
+            except Exception:
+                log.exception("stopping %s failed", type(service).__name__)
+
+
+def _watch_installs(config: Config, store: Store, stopped: threading.Event, parent_pid: int) -> None:
     watchdog = InstallWatchdog(store, config.install_timeout)
     interval = min(30.0, config.install_timeout / 4)
     next_pass = 0.0

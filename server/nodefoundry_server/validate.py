@@ -35,6 +35,7 @@ _PHASE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _TIMEZONE = re.compile(r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+){0,2}$")
 _LOCALE = re.compile(r"^[A-Za-z]{2,3}(_[A-Z]{2})?(\.UTF-8)?$")
 _KEYMAP = re.compile(r"^[a-z]{2,10}(-[a-z0-9]{1,20})?$")
+_BOOT_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]{0,126}$")
 _CRYPT_HASH = re.compile(r"^\$(1|5|6|y|2b|gy)\$[A-Za-z0-9./$=,]{8,200}$")
 
 
@@ -144,6 +145,13 @@ def package(value: object) -> str:
 def kernel_arg(value: object) -> str:
     if not isinstance(value, str) or not _KERNEL_ARG.fullmatch(value):
         raise InvalidValue(f"invalid kernel argument: {value!r}")
+    return value
+
+
+def boot_file(value: object) -> str:
+    """A file name relative to the TFTP root that fits the BOOTP ``file`` field (127 bytes)."""
+    if not isinstance(value, str) or not _BOOT_FILE.fullmatch(value) or ".." in value.split("/"):
+        raise InvalidValue(f"invalid boot file: {value!r} (a relative path of letters, digits, '_./-')")
     return value
 
 

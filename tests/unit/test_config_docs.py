@@ -38,7 +38,7 @@ def _settings_rows(text: str) -> dict[str, list[str]]:
 
 def _rendered_default(value: Any) -> str:
     """How the docs write a default: booleans as YAML, lists comma-separated, empty as *(empty)*."""
-    if value in ("", []):
+    if value in ("", [], {}):
         return "*(empty)*"
     if isinstance(value, bool):
         return "`true`" if value else "`false`"

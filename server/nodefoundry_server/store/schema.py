@@ -67,6 +67,52 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at TEXT NOT NULL
     );
     """,
+    # 2: DHCP leases. An address is held by at most one MAC (primary key); a MAC holds at most one
+    # bound lease per subnet. Declined addresses are quarantined rows with an empty MAC.
+    """
+    CREATE TABLE dhcp_leases (
+        ip TEXT PRIMARY KEY,
+        mac TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('bound', 'declined')),
+        subnet TEXT NOT NULL,
+        client_id TEXT,
+        hostname TEXT,
+        expires_at INTEGER NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX dhcp_leases_bound_mac ON dhcp_leases (mac, subnet) WHERE state = 'bound';
+    CREATE INDEX dhcp_leases_by_expiry ON dhcp_leases (expires_at)
+    """,
+    # 3: MQTT: commands with their results, per-node broker credentials, the agent's current session.
+    """
+    CREATE TABLE commands (
+        id TEXT PRIMARY KEY,
+        mac TEXT NOT NULL,
+        command TEXT NOT NULL,
+        args TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('queued', 'sent', 'accepted', 'running', 'succeeded', 'failed',
+                                             'timed_out', 'rejected', 'expired')),
+        created_at TEXT NOT NULL,
+        deadline TEXT NOT NULL,
+        sent_at TEXT,
+        updated_at TEXT NOT NULL,
+        finished_at TEXT,
+        exit_code INTEGER,
+        stdout TEXT,
+        stderr TEXT,
+        detail TEXT,
+        actor TEXT
+    );
+    CREATE INDEX commands_by_mac ON commands (mac, created_at);
+    CREATE INDEX commands_open ON commands (state, deadline) WHERE state IN ('queued', 'sent', 'accepted', 'running');
+    CREATE TABLE node_credentials (
+        mac TEXT PRIMARY KEY,
+        username TEXT NOT NULL UNIQUE,
+        password_hash TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    ALTER TABLE nodes ADD COLUMN mqtt_session TEXT
+    """,
 )
 
 
