@@ -34,9 +34,12 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.observe import Stages
+
 SERVER_BIN = Path(sys.executable).parent / "nodefoundry-server"
 INSTALLER_DIR = Path("/usr/lib/debian-installer/images/12/amd64/text/debian-installer/amd64")
 E1000_ROM = Path("/usr/lib/ipxe/qemu/pxe-e1000.rom")
+OVMF = Path("/usr/share/ovmf/OVMF.fd")
 REQUIRED_BINARIES = ("ip", "dnsmasq", "qemu-system-x86_64", "timeout", "curl")
 API_TOKEN = "nf_e2e-admin-token"
 SERVER_PORT = 8080
@@ -75,7 +78,7 @@ def check_prerequisites() -> None:
     problems += [
         f"binary {name!r} not found (make setup)" for name in REQUIRED_BINARIES if not shutil.which(name, path=path)
     ]
-    for needed in (SERVER_BIN, E1000_ROM, INSTALLER_DIR / "linux", INSTALLER_DIR / "initrd.gz"):
+    for needed in (SERVER_BIN, E1000_ROM, OVMF, INSTALLER_DIR / "linux", INSTALLER_DIR / "initrd.gz"):
         if not needed.exists():
             problems.append(f"{needed} missing (make setup installs ipxe-qemu, debian-installer-12-netboot-amd64)")
     if not Path("/dev/net/tun").exists():
@@ -230,6 +233,20 @@ class Lab:
             process="dnsmasq",
         )
 
+    def use_nodefoundry_dhcp(self, **settings: str) -> None:
+        """Let the server itself serve DHCP (and TFTP) on the lab segment instead of dnsmasq."""
+        self.env.update(
+            {
+                "NF_DHCP_INTERFACE": "veth-s",
+                "NF_DHCP_IP_POOL_START": f"{self.subnet}.50",
+                "NF_DHCP_IP_POOL_END": f"{self.subnet}.150",
+                "NF_DHCP_NETMASK": "255.255.255.0",
+                "NF_DHCP_DNS": self.server_ip,
+                "NF_DHCP_LEASE_TIME": "3600",
+                **settings,
+            }
+        )
+
     def import_installer(self) -> None:
         """The real installer from the installed Debian package; run in the namespace so it cannot download."""
         result = subprocess.run(
@@ -263,11 +280,16 @@ class Lab:
         self.processes[name] = process
         return process
 
-    def start_qemu(self, mac: str, name: str, lifetime: int = 900) -> Path:
-        """Boot a VM from the network on its own tap; its serial console goes to ``<name>-serial.log``."""
+    def start_qemu(self, mac: str, name: str, lifetime: int = 900, uefi: bool = False) -> Path:
+        """Boot a VM from the network on its own tap; its serial console goes to ``<name>-serial.log``.
+
+        BIOS: SeaBIOS runs the e1000's iPXE option ROM. UEFI: OVMF's own PXE client on a virtio NIC
+        without an option ROM (it must TFTP an iPXE binary first)."""
         serial = self.workdir / f"{name}-serial.log"
         tap = f"tap{sum(1 for n in self.processes if n.startswith('qemu'))}"
         self.add_tap(tap)
+        nic = f"virtio-net-pci,netdev=n0,mac={mac},romfile=" if uefi else f"e1000,netdev=n0,mac={mac}"
+        firmware = ["-bios", str(OVMF)] if uefi else []
         self._spawn(
             name,
             [
@@ -288,7 +310,8 @@ class Lab:
                 "-netdev",
                 f"tap,id=n0,ifname={tap},script=no,downscript=no",
                 "-device",
-                f"e1000,netdev=n0,mac={mac}",
+                nic,
+                *firmware,
             ],
             self.client_ns,
             self.workdir / f"{name}.out",
@@ -416,13 +439,16 @@ class Lab:
         self.namespaces.clear()
 
 
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
+@contextlib.contextmanager
+def _lab(workdir: Path, nodefoundry_dhcp: dict[str, str] | None) -> Iterator[Lab]:
     check_prerequisites()
-    lab = Lab(tmp_path)
+    lab = Lab(workdir)
     try:
         lab.create_network()
-        lab.start_dnsmasq()
+        if nodefoundry_dhcp is None:
+            lab.start_dnsmasq()
+        else:
+            lab.use_nodefoundry_dhcp(**nodefoundry_dhcp)
         lab.start_syslog()
         lab.import_installer()
         lab.start_server()
@@ -431,3 +457,26 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
         lab.close()
         leftovers = [ns for ns in run("ip", "netns", "list", check=False).stdout.split() if lab.run_id in ns]
         assert not leftovers, f"namespaces left behind: {leftovers}"
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    """dnsmasq serves DHCP: the boot path and the installer, independent of NodeFoundry's DHCP."""
+    with _lab(tmp_path, None) as ready:
+        yield ready
+
+
+@pytest.fixture
+def dhcp_lab(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """NodeFoundry serves DHCP and TFTP itself; settings from ``@pytest.mark.parametrize(..., indirect=True)``."""
+    with _lab(tmp_path, getattr(request, "param", None) or {}) as ready:
+        yield ready
+
+
+@pytest.fixture
+def stages(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stages]:
+    recorder = Stages(tmp_path / "stages.txt")
+    yield recorder
+    text = recorder.write(f"== e2e {request.node.name} (artifacts: {tmp_path})")
+    print("\n" + text)
+    request.node.user_properties.append(("stages", text))
