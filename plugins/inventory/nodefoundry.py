@@ -179,7 +179,9 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
                 nodes = json.load(handle)
             age = time.time() - os.path.getmtime(path)
         except (OSError, ValueError):
-            raise AnsibleError("nodefoundry inventory: %s (and no last known node list to fall back on)" % error)
+            raise AnsibleError(
+                "nodefoundry inventory: %s (and no last known node list to fall back on)" % error
+            ) from None
         self.display.warning(
             "nodefoundry inventory: %s; using the node list fetched %d s ago from %s" % (error, age, path)
         )
@@ -221,7 +223,9 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):
             if candidate:
                 candidate = str(candidate)
                 if candidate in taken:
-                    self.display.warning("nodefoundry inventory: host name %s is taken; using %s" % (candidate, fallback))
+                    self.display.warning(
+                        "nodefoundry inventory: host name %s is taken; using %s" % (candidate, fallback)
+                    )
                     return fallback
                 return candidate
         return fallback

@@ -43,7 +43,7 @@ class ApiError(Exception):
 
 
 def normalize_mac(value):
-    """The server's node identity: 12 lower-case hex digits (``aa:bb:..``, ``aa-bb-..``, ``aabb.ccdd.eeff`` accepted)."""
+    """The node identity: 12 lower-case hex digits (``aa:bb:..``, ``aa-bb-..``, ``aabb.ccdd.eeff`` accepted)."""
     text = str(value).strip().lower()
     for form in _MAC_FORMS:
         match = form.match(text)

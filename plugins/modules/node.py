@@ -213,7 +213,9 @@ class NodeTask:
             self.changed = True
             node = dict(node, status="installing") if self.check else self._start(action)
         if self.module.params["wait"] and not self.check:
-            node = wait_for_end(self.client, self.mac, self.module.params["wait_timeout"], self.module.params["wait_sleep"])
+            node = wait_for_end(
+                self.client, self.mac, self.module.params["wait_timeout"], self.module.params["wait_sleep"]
+            )
             if node["status"] == "failed":
                 raise ApiError("install of %s failed (phase %s)" % (self.mac, node.get("install_phase", "unknown")))
         return node
