@@ -127,6 +127,18 @@ class Client:
         body = {"action": action, "macs": list(macs), "dry_run": dry_run}
         return self.request("POST", "/api/v1/nodes/bulk", body=body)[1]
 
+    # -- commands -----------------------------------------------------------------------------------------
+
+    def send_commands(self, macs, command, args=None, timeout=None):
+        """Queue one command for many nodes in one transaction; per-MAC ``{mac, ok, id | error}``."""
+        body = {"macs": list(macs), "command": command, "args": args or {}}
+        if timeout is not None:
+            body["timeout"] = timeout
+        return self.request("POST", "/api/v1/commands", body=body)[1]
+
+    def command(self, command_id):
+        return self.request("GET", "/api/v1/commands/" + quote(command_id))[1]
+
 
 def _decode(raw):
     if not raw:
