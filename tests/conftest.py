@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import requests
 
+from tests.netns import PortForward
+
 REPO = Path(__file__).resolve().parent.parent
 SERVER_BIN = Path(sys.executable).parent / "nodefoundry-server"
 ADMIN_TOKEN = "nf_test-admin-token"
@@ -43,17 +45,26 @@ def fake_installer(assets_dir: Path, arches: tuple[str, ...] = ("amd64", "arm64"
 
 
 class Server:
-    """A server process under test, with a small API client."""
+    """A server process under test, with a small API client.
 
-    def __init__(self, workdir: Path, env: dict[str, str] | None = None, config: Path | None = None) -> None:
+    With ``netns`` (a network namespace name) the process runs inside that namespace
+    (``ip netns exec``), HTTP listens on all of the namespace's addresses, and ``url``
+    reaches it through a loopback port forwarded into the namespace.
+    """
+
+    def __init__(
+        self, workdir: Path, env: dict[str, str] | None = None, config: Path | None = None, netns: str | None = None
+    ) -> None:
         self.workdir = workdir
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.netns = netns
+        self.forward = PortForward(netns, ("127.0.0.1", self.port)) if netns else None
+        self.url = f"http://127.0.0.1:{self.forward.port if self.forward else self.port}"
         self.db_path = workdir / "data" / "nodes.db"
         self.assets_dir = workdir / "data" / "assets"
         self.env = {
             **os.environ,
-            "NF_HTTP_ADDR": f"127.0.0.1:{self.port}",
+            "NF_HTTP_ADDR": f"{'0.0.0.0' if netns else '127.0.0.1'}:{self.port}",
             "NF_DB_PATH": str(self.db_path),
             "NF_ASSETS_DIR": str(self.assets_dir),
             "NF_API_TOKEN": ADMIN_TOKEN,
@@ -70,6 +81,8 @@ class Server:
 
     def start(self, wait: bool = True) -> Server:
         args = [str(SERVER_BIN), *(["--config", str(self.config)] if self.config else []), "run"]
+        if self.netns:
+            args = ["ip", "netns", "exec", self.netns, *args]
         self.log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             args, cwd=self.workdir, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
@@ -112,6 +125,12 @@ class Server:
             self.process.wait()
         self.session.close()
 
+    def close(self) -> None:
+        """Stop, and release the forwarded port (the server cannot be started again)."""
+        self.stop()
+        if self.forward:
+            self.forward.close()
+
     def api(self, method: str, path: str, token: str | None = ADMIN_TOKEN, **kwargs: Any) -> requests.Response:
         headers = kwargs.pop("headers", {})
         if token is not None:
@@ -126,10 +145,12 @@ class Server:
 def server_factory(tmp_path: Path) -> Iterator[Any]:
     started: list[Server] = []
 
-    def make(env: dict[str, str] | None = None, config: Path | None = None, installer: bool = True) -> Server:
+    def make(
+        env: dict[str, str] | None = None, config: Path | None = None, installer: bool = True, netns: str | None = None
+    ) -> Server:
         workdir = tmp_path / f"server{len(started)}"
         workdir.mkdir()
-        server = Server(workdir, env, config)
+        server = Server(workdir, env, config, netns)
         if installer:
             fake_installer(server.assets_dir)
         started.append(server)
@@ -137,7 +158,7 @@ def server_factory(tmp_path: Path) -> Iterator[Any]:
 
     yield make
     for server in started:
-        server.stop()
+        server.close()
 
 
 @pytest.fixture

@@ -6,12 +6,18 @@ killed run never collide. Interface names stay within Linux's 15 characters.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
+import select
+import socket
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 _counter = itertools.count()
 
@@ -88,3 +94,89 @@ def namespaces(*prefixes: str) -> Iterator[list[Namespace]]:
     finally:
         for namespace in created:
             namespace.delete()
+
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def enter(name: str) -> None:
+    """Move the calling *thread* into namespace ``name`` (sockets it creates then live there)."""
+    with open(f"/run/netns/{name}") as handle:
+        if _libc.setns(handle.fileno(), _CLONE_NEWNET) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"setns({name}): {os.strerror(errno)}")
+
+
+def run_in(name: str, function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` on a thread inside namespace ``name``; its sockets stay in that namespace."""
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            enter(name)
+            outcome["value"] = function(*args)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=work, name=f"in-{name}", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+class PortForward:
+    """``127.0.0.1:<port>`` here -> ``target`` inside namespace ``netns``.
+
+    Lets an ordinary HTTP client in the root namespace talk to a server that listens only
+    inside a namespace, without giving the root namespace an interface or a route. Each
+    connection is piped by a thread of its own that enters the namespace to connect: a
+    refused upstream connection closes the accepted one, which the client sees as a
+    connection error (what it would see without the forwarder).
+    """
+
+    def __init__(self, netns: str, target: tuple[str, int]) -> None:
+        self.netns = netns
+        self.target = target
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port: int = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, name=f"forward-{netns}", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._pipe, args=(conn,), daemon=True).start()
+
+    def _pipe(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                enter(self.netns)  # this thread only, and it ends with the connection
+                upstream = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                return
+            with upstream:
+                pair = {conn: upstream, upstream: conn}
+                while True:
+                    ready, _, _ = select.select(list(pair), [], [], 120)
+                    if not ready:
+                        return
+                    for source in ready:
+                        try:
+                            data = source.recv(65536)
+                            if not data:
+                                return
+                            pair[source].sendall(data)
+                        except OSError:
+                            return
+
+    def close(self) -> None:
+        with suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() above
+        self.listener.close()

@@ -21,7 +21,8 @@ from gunicorn.app.base import BaseApplication
 from . import __version__, auth, boot, validate
 from .api import create_app
 from .config import Config, ConfigError
-from .services import ServicesSupervisor, preflight
+from .dhcp import describe as describe_dhcp
+from .services import ServicesSupervisor, announce_components, preflight
 from .store import Store
 
 ADMIN_TOKEN_FILE = "admin.token"
@@ -85,7 +86,7 @@ def banner(config: Config, host: str, port: int, token: str | None, token_path: 
     if not boot.available_arches(config.assets_dir):
         lines.append(f"  Installer   missing in {config.assets_dir}: run 'nodefoundry-server assets import'")
     if config.dhcp_enabled:
-        lines.append("  DHCP        configured, but this version has no DHCP server yet")
+        lines.append(f"  DHCP        {describe_dhcp(config)}")
     else:
         lines.append(
             "  DHCP        off. To serve DHCP set NF_DHCP_INTERFACE=<iface> with NF_DHCP_IP_POOL_START/END,"
@@ -111,6 +112,7 @@ def run(config: Config) -> int:
     store.open()
     Path(config.assets_dir).mkdir(parents=True, exist_ok=True)
     token, token_path = ensure_admin_token(store, config)
+    announce_components(store, config)
     store.close()  # nothing that forks may hold a SQLite connection
     services = ServicesSupervisor(config)
     services.start()

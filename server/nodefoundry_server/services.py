@@ -63,14 +63,29 @@ def build_services(config: Config, store: Store) -> list[Service]:
     services: list[Service] = []
     if config.dhcp_enabled:
         services.append(DhcpService(config, store))
+    if tftp_enabled(config):
+        services.append(TftpService(config, store))
+    services.append(MqttService(config, store))
+    return services
+
+
+def announce_components(store: Store, config: Config) -> None:
+    """Before anything serves: every background component is 'starting' or 'disabled'.
+
+    A row left by a previous run (``ok`` from a server killed with -9) must not make /health claim a
+    service is up before this run's service has bound its socket."""
+    from .tftp import tftp_enabled
+
+    store.set_component("install_watchdog", "starting", "services process starting")
+    if config.dhcp_enabled:
+        store.set_component("dhcp", "starting", "services process starting")
     else:
         store.set_component("dhcp", "disabled", "off (NF_DHCP_INTERFACE unset)")
     if tftp_enabled(config):
-        services.append(TftpService(config, store))
+        store.set_component("tftp", "starting", "services process starting")
     else:
         store.set_component("tftp", "disabled", "off (runs with DHCP, or set NF_TFTP_ADDR)")
-    services.append(MqttService(config, store))
-    return services
+    store.set_component("mqtt", "starting", "services process starting")
 
 
 def preflight(config: Config) -> None:
@@ -91,7 +106,6 @@ def services_main(config: Config, parent_pid: int) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the arbiter, which stops us
     store = Store(config.db_path, config.db_synchronous)
-    store.set_component("install_watchdog", "starting", "services process starting")
     services = build_services(config, store)
     try:
         for service in services:

@@ -68,7 +68,9 @@ MIGRATIONS: tuple[str, ...] = (
     );
     """,
     # 2: DHCP leases. An address is held by at most one MAC (primary key); a MAC holds at most one
-    # bound lease per subnet. Declined addresses are quarantined rows with an empty MAC.
+    # bound lease per subnet. A declined address is quarantined: state 'declined', mac = who declined it.
+    # expires_at is Unix time (seconds): the end of the lease or of the quarantine. A node's ip is its
+    # reservation; the DHCP writer checks it (by address) inside the transaction that binds a lease.
     """
     CREATE TABLE dhcp_leases (
         ip TEXT PRIMARY KEY,
@@ -81,9 +83,11 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at TEXT NOT NULL
     );
     CREATE UNIQUE INDEX dhcp_leases_bound_mac ON dhcp_leases (mac, subnet) WHERE state = 'bound';
-    CREATE INDEX dhcp_leases_by_expiry ON dhcp_leases (expires_at)
+    CREATE INDEX dhcp_leases_by_expiry ON dhcp_leases (expires_at);
+    CREATE INDEX nodes_by_ip ON nodes (ip)
     """,
-    # 3: MQTT: commands with their results, per-node broker credentials, the agent's current session.
+    # 3: MQTT: commands with their results, per-node broker credentials, the agent's current session and
+    # when the node last came online (the liveness watchdog's reference and the commands' re-send mark).
     """
     CREATE TABLE commands (
         id TEXT PRIMARY KEY,
@@ -105,13 +109,15 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX commands_by_mac ON commands (mac, created_at);
     CREATE INDEX commands_open ON commands (state, deadline) WHERE state IN ('queued', 'sent', 'accepted', 'running');
+    CREATE INDEX commands_unsent ON commands (deadline) WHERE state IN ('queued', 'sent');
     CREATE TABLE node_credentials (
         mac TEXT PRIMARY KEY,
         username TEXT NOT NULL UNIQUE,
         password_hash TEXT NOT NULL,
         created_at TEXT NOT NULL
     );
-    ALTER TABLE nodes ADD COLUMN mqtt_session TEXT
+    ALTER TABLE nodes ADD COLUMN mqtt_session TEXT;
+    ALTER TABLE nodes ADD COLUMN online_at TEXT
     """,
 )
 
