@@ -4,6 +4,12 @@ Sources: Debian's ``debian-installer-12-netboot-<arch>`` package (already
 installed, or fetched with ``apt-get download``), or a Debian mirror over
 HTTP with the files checked against the mirror's SHA256SUMS. Files are
 written to a temporary name and renamed, so a node never sees half a kernel.
+
+For arm64 the netboot GRUB comes along (``grubaa64.efi``, the signed shim
+``bootnetaa64.efi``, and ``grub/`` with the modules and font GRUB loads from
+its prefix): Debian 12 has no arm64 iPXE, so this GRUB is what arm64 UEFI
+nodes boot over TFTP. Its packaged ``grub.cfg`` files are left out: the
+server generates GRUB's config (see ``tftp.tree``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ PACKAGE = "debian-installer-12-netboot-{arch}"
 PACKAGE_DIR = "usr/lib/debian-installer/images/12/{arch}/text/debian-installer/{arch}"
 MIRROR_IMAGES = "dists/bookworm/main/installer-{arch}/current/images"
 MIRROR_FILE = "netboot/debian-installer/{arch}/{name}"
+GRUB_LOADERS = {"arm64": ("grubaa64.efi", "bootnetaa64.efi")}
+GRUB_TREE = "grub"
 
 
 class AssetError(Exception):
@@ -29,16 +37,20 @@ class AssetError(Exception):
 
 
 def _install_files(files: dict[str, Path], target: Path, source: str) -> dict[str, str]:
-    """Copy atomically and write a manifest with sizes and SHA-256 sums."""
-    target.mkdir(parents=True, exist_ok=True)
+    """Copy atomically and write a manifest with sizes and SHA-256 sums.
+
+    Returns the installed top-level names: the GRUB module tree is one entry, ``grub``.
+    """
     manifest: dict[str, str | dict[str, object]] = {"source": source}
     for name, path in files.items():
-        temporary = target / f".{name}.tmp"
+        destination = target / name
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        temporary = destination.with_name(f".{destination.name}.tmp")
         shutil.copyfile(path, temporary)
-        temporary.replace(target / name)
-        manifest[name] = {"size": path.stat().st_size, "sha256": _sha256(target / name)}
+        temporary.replace(destination)
+        manifest[name] = {"size": path.stat().st_size, "sha256": _sha256(destination)}
     (target / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return {name: str(target / name) for name in files}
+    return {name.split("/", 1)[0]: str(target / name.split("/", 1)[0]) for name in files}
 
 
 def _sha256(path: Path) -> str:
@@ -52,7 +64,21 @@ def _sha256(path: Path) -> str:
 def _from_tree(root: Path, arch: str) -> dict[str, Path] | None:
     directory = root / PACKAGE_DIR.format(arch=arch)
     files = {name: directory / name for name in INSTALLER_FILES}
-    return files if all(path.is_file() for path in files.values()) else None
+    if not all(path.is_file() for path in files.values()):
+        return None
+    return files | _grub_files(directory, arch)
+
+
+def _is_grub_file(name: str, arch: str) -> bool:
+    """A netboot GRUB file to copy: a loader, or a module/font under ``grub/`` but no ``grub.cfg``."""
+    if name in GRUB_LOADERS.get(arch, ()):
+        return True
+    return arch in GRUB_LOADERS and name.startswith(f"{GRUB_TREE}/") and not name.endswith("/grub.cfg")
+
+
+def _grub_files(directory: Path, arch: str) -> dict[str, Path]:
+    found = [path for path in sorted(directory.rglob("*")) if path.is_file()]
+    return {name: path for path in found if _is_grub_file(name := path.relative_to(directory).as_posix(), arch)}
 
 
 def import_from_apt(assets_dir: Path, arch: str, installed_root: Path = Path("/")) -> dict[str, str]:
@@ -81,13 +107,18 @@ def import_from_mirror(assets_dir: Path, arch: str, mirror: str, timeout: float 
     """Download from ``<mirror>/dists/bookworm/...`` and verify against SHA256SUMS."""
     base = f"{mirror.rstrip('/')}/{MIRROR_IMAGES.format(arch=arch)}"
     sums = _read_sums(_fetch_text(f"{base}/SHA256SUMS", timeout))
+    for name in INSTALLER_FILES:
+        if MIRROR_FILE.format(arch=arch, name=name) not in sums:
+            raise AssetError(f"{base}/SHA256SUMS has no entry for {MIRROR_FILE.format(arch=arch, name=name)}")
+    prefix = MIRROR_FILE.format(arch=arch, name="")
+    grub = [name.removeprefix(prefix) for name in sums if name.startswith(prefix)]
+    names = [*INSTALLER_FILES, *(name for name in grub if _is_grub_file(name, arch))]
     with tempfile.TemporaryDirectory() as work:
         files = {}
-        for name in INSTALLER_FILES:
+        for name in names:
             relative = MIRROR_FILE.format(arch=arch, name=name)
-            if relative not in sums:
-                raise AssetError(f"{base}/SHA256SUMS has no entry for {relative}")
             path = Path(work) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
             _download(f"{base}/{relative}", path, timeout)
             if _sha256(path) != sums[relative]:
                 raise AssetError(f"checksum mismatch for {base}/{relative}")

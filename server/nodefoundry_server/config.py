@@ -285,6 +285,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dhcp_register_all", "NF_DHCP_REGISTER_ALL", False, _bool, "register non-PXE DHCP clients as nodes"),
     Setting("tftp_addr", "NF_TFTP_ADDR", "", _optional(_http_addr), "TFTP listen address ('' = :69 with DHCP)"),
     Setting("tftp_ipxe_dir", "NF_TFTP_IPXE_DIR", "/usr/lib/ipxe", _required_text, "iPXE binaries served by TFTP"),
+    Setting("tftp_max_transfers", "NF_TFTP_MAX_TRANSFERS", 128, _int_range(1, 4096), "concurrent TFTP transfers"),
     Setting("mqtt_username", "NF_MQTT_USERNAME", "", _text, "server's user on an external broker"),
     Setting("mqtt_password", "NF_MQTT_PASSWORD", "", _text, "server's password on an external broker"),
     Setting("mqtt_tls", "NF_MQTT_TLS", False, _bool, "TLS to the external broker"),
