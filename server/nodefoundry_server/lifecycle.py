@@ -111,6 +111,21 @@ def register_if_new(store: Store, mac: str, fields: dict[str, Any], *, source: s
     return True
 
 
+def register_installed_in(
+    conn: sqlite3.Connection, mac: str, *, source: str, detail: dict[str, Any] | None = None
+) -> bool:
+    """Adopt a node that reports from an installed system but was never registered (opt-in, MQTT)."""
+    when = now()
+    inserted = conn.execute(
+        "INSERT INTO nodes (mac, status, created_at, updated_at) VALUES (?, 'installed', ?, ?)"
+        " ON CONFLICT (mac) DO NOTHING",
+        (mac, when, when),
+    ).rowcount
+    if inserted:
+        add_event(conn, mac, source, "registered", field="status", new="installed", detail=detail, at=when)
+    return bool(inserted)
+
+
 def _column(value: Any) -> Any:
     return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
 
@@ -130,15 +145,19 @@ def _start_install(conn: sqlite3.Connection, mac: str, action: str, source: str,
         return Outcome(mac, True, False, status)
     if status not in INSTALL_FROM[action]:
         return Outcome(mac, False, False, status, _refusal(action, status))
-    when = now()
+    from .mqtt import credentials  # here, not at the top: the mqtt package imports this module
+
+    when, nonce = now(), secrets.token_hex(16)
     updated = conn.execute(
         "UPDATE nodes SET status = 'installing', install_nonce = ?, install_ip = NULL, install_phase = 'queued',"
         " install_started_at = ?, install_progress_at = ?, updated_at = ?, revision = revision + 1"
         " WHERE mac = ? AND status = ?",
-        (secrets.token_hex(16), when, when, when, mac, status),
+        (nonce, when, when, when, mac, status),
     ).rowcount
     if updated != 1:  # cannot happen under BEGIN IMMEDIATE; kept as the compare-and-set guard
         raise RuntimeError(f"lost compare-and-set on {mac}")
+    # The node's broker password for this install: the preseed derives it again from the nonce.
+    credentials.mint_in(conn, mac, credentials.install_password(conn, mac, nonce))
     add_event(conn, mac, source, action, field="status", old=status, new="installing", actor=actor, at=when)
     return Outcome(mac, True, True, "installing")
 

@@ -10,6 +10,7 @@ arbiter keeps no database connection open, because it forks.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import socket
 import time
 from pathlib import Path
@@ -104,6 +105,12 @@ def _primary_address() -> str:
         return "127.0.0.1"
 
 
+def _forget_the_services_process(_arbiter: Any, _worker: Any) -> None:
+    """A worker inherits the arbiter's list of multiprocessing children (the services process) and,
+    at exit, multiprocessing would try to join a process that is not its child. Only the arbiter owns it."""
+    multiprocessing.process._children.clear()  # type: ignore[attr-defined]
+
+
 def run(config: Config) -> int:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, port = check_port_free(config.http_addr)
@@ -132,6 +139,7 @@ def run(config: Config) -> int:
         "proc_name": "nodefoundry-server",
         "control_socket_disable": True,
         "on_exit": lambda _arbiter: services.stop(),
+        "post_fork": _forget_the_services_process,
     }
     _Gunicorn(app, options).run()
     return 0

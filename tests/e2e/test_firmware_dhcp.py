@@ -53,7 +53,9 @@ def test_bios_ipxe_rom_with_nodefoundry_dhcp(dhcp_lab: Lab, stages: Stages) -> N
         "iPXE (DHCP from NodeFoundry) to fetch /boot.ipxe?mac=...",
     )  # fmt: skip
     registered = _registered_by_dhcp(lab, mac)
-    stages.reached("[bios] registered by DHCP", event_time(registered), f"arch {registered.get('detail')}")
+    facts = (registered.get("detail") or {}).get("facts", {}).get("dhcp", {})
+    stages.reached("[bios] registered by DHCP", event_time(registered), f"option 93 {facts.get('client_arch')}, "
+                   f"user class {facts.get('user_class')!r}")  # fmt: skip
     entry = requests_for(lab, r"^/boot\.ipxe$", client=own.client)
     assert entry, f"iPXE did not fetch the boot script URL from the DHCP reply (client {own.client})"
     stages.reached("[bios] DHCP -> GET /boot.ipxe", entry[0].at, f"from {own.client}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import itertools
+import zipfile
 
 import pytest
 
@@ -180,9 +182,14 @@ def test_boot_script_is_text_plain(server, mac):
     assert response.text.startswith("#!ipxe\n")
 
 
-def test_agent_routes_answer_404_until_an_agent_is_in_the_assets(server):
+def test_agent_routes_serve_the_built_agent_unless_the_assets_hold_one(server):
     response = server.get("/agent/nodefoundry-agent")
-    assert response.status_code == 404 and "error" in response.json()
+    assert response.status_code == 200 and response.headers["Content-Type"] == "application/octet-stream"
+    assert response.content.startswith(b"#!/usr/bin/env python3\n")
+    with zipfile.ZipFile(io.BytesIO(response.content)) as built:
+        assert "nodefoundry_agent/__main__.py" in built.namelist()
+    unit = server.get("/agent/nodefoundry-agent.service")
+    assert unit.status_code == 200 and "ExecStart=" in unit.text
     agent_dir = server.assets_dir / "agent"
     agent_dir.mkdir()
     (agent_dir / "nodefoundry-agent.pyz").write_bytes(b"PK-zipapp")

@@ -675,11 +675,15 @@ def test_late_command_installs_the_agent(server_factory: Any, tmp_path: Path) ->
     assert stat.S_IMODE(agent.stat().st_mode) == 0o755
     assert (box.target / "etc/systemd/system/nodefoundry-agent.service").read_text() == AGENT_UNIT
     env_file = box.target / "etc/default/nodefoundry-agent"
-    assert env_file.read_text().splitlines() == [
+    env_lines = env_file.read_text().splitlines()
+    password = next(line for line in env_lines if line.startswith("NF_MQTT_PASSWORD="))
+    assert len(password) > len("NF_MQTT_PASSWORD=") + 20  # a per-node secret, minted at install start
+    assert [line for line in env_lines if line != password] == [
         f"NF_MAC={MAC}",
         "NF_MQTT_BROKER=127.0.0.1:1883",
         "NF_LOG_LEVEL=info",
         "NF_HEARTBEAT_INTERVAL=45",
+        f"NF_MQTT_USERNAME={MAC}",
     ]
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
     sudoers = box.target / "etc/sudoers.d/nodefoundry-admin"
@@ -703,12 +707,15 @@ def test_late_command_installs_the_agent(server_factory: Any, tmp_path: Path) ->
     ]
 
 
-def test_late_command_without_agent_reports_it_and_still_finishes(server: Any, tmp_path: Path) -> None:
+def test_late_command_whose_agent_download_fails_reports_it_and_still_finishes(server: Any, tmp_path: Path) -> None:
     create_node(server)
     act(server, "install")
     values = debconf_load(fetch_preseed(server)[0], tmp_path / "debconf")
     box = Sandbox.make(tmp_path / "installer")
-    done = box.run(values["preseed/late_command"])
+    # The server always has an agent to serve; a download that fails on the way (404 here) must not stop the install.
+    late_command = values["preseed/late_command"].replace("/agent/nodefoundry-agent", "/agent/missing-agent")
+    assert late_command != values["preseed/late_command"]
+    done = box.run(late_command)
     assert done.returncode == 0, done.stderr
     assert not (box.target / "usr/local/bin/nodefoundry-agent").exists()
     assert not (box.target / "etc/systemd/system/nodefoundry-agent.service").exists()

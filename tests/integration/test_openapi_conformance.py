@@ -470,8 +470,8 @@ def test_downloads(server: Server) -> None:
     for url, template, status in [
         ("/assets/debian-installer/amd64/missing", "/assets/{path}", 404),
         ("/assets/debian-installer/amd64/linux", "/assets/{path}", 416),
-        ("/agent/nodefoundry-agent", "/agent/nodefoundry-agent", 404),
-        ("/agent/nodefoundry-agent.service", "/agent/nodefoundry-agent.service", 404),
+        ("/agent/nodefoundry-agent", "/agent/nodefoundry-agent", 200),
+        ("/agent/nodefoundry-agent.service", "/agent/nodefoundry-agent.service", 200),
     ]:
         headers = {"Range": "bytes=100-200"} if status == 416 else {}
         response = server.get(url, headers=headers)

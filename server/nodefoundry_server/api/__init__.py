@@ -1,8 +1,9 @@
 """The HTTP application: Flask app factory and its blueprints.
 
 ``create_app`` takes the configuration and the store; nothing happens at
-import time. Blueprints: ``nodes`` (REST API, token auth), ``boot`` (iPXE,
-preseed, installer callbacks, downloads), ``health``.
+import time. Blueprints: ``nodes`` (REST API, token auth), ``commands``
+(agent commands, same auth), ``boot`` (iPXE, preseed, installer callbacks,
+downloads), ``health``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from werkzeug.exceptions import HTTPException
 
 from ..config import Config
 from ..store import Store
-from . import boot, health, nodes
+from . import boot, commands, health, nodes
 from .common import ApiError, json_error
 
 HTTP_ERROR_MESSAGES = {
@@ -35,6 +36,7 @@ def create_app(config: Config, store: Store, started_at: float | None = None) ->
         "started_at": started_at or time.time(),
     }
     app.register_blueprint(nodes.blueprint)
+    app.register_blueprint(commands.blueprint)
     app.register_blueprint(boot.blueprint)
     app.register_blueprint(health.blueprint)
 

@@ -10,19 +10,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flask import Blueprint, Response, request, send_from_directory
+from flask import Blueprint, Response, request, send_file, send_from_directory
 
-from .. import auth, boot, lifecycle, validate
+from nodefoundry_agent import build as agent_build
+
+from .. import auth, boot, lifecycle, tftp, validate
 from ..boot import IPXE_ARCH_TO_DEBIAN, Urls
+from ..mqtt import credentials
 from ..nodes import EDITABLE, check_network
 from ..validate import InvalidValue
 from .common import ApiError, config, no_content, path_mac, store
 
 blueprint = Blueprint("boot", __name__)
 
+# Route name -> (override file in <assets_dir>/agent/, MIME type, the build of the installed agent package).
 AGENT_FILES = {
-    "nodefoundry-agent": ("nodefoundry-agent.pyz", "application/octet-stream"),
-    "nodefoundry-agent.service": ("nodefoundry-agent.service", "text/plain"),
+    "nodefoundry-agent": ("nodefoundry-agent.pyz", "application/octet-stream", agent_build.zipapp_bytes),
+    "nodefoundry-agent.service": ("nodefoundry-agent.service", "text/plain", agent_build.unit_text),
 }
 
 
@@ -113,8 +117,9 @@ def _boot_facts() -> dict[str, object]:
     return facts
 
 
-def _installing_mac(mac: str) -> str:
-    """Check the install token (and pinned address); 404 for unknown, 403 otherwise."""
+def _installing_mac(mac: str) -> tuple[str, str]:
+    """Check the install token (and pinned address): the MAC and its install's nonce; 404 for unknown,
+    403 otherwise."""
     mac = path_mac(mac)
     found = lifecycle.installing_nonce(store(), mac)
     token = request.args.get("token", "")
@@ -127,12 +132,12 @@ def _installing_mac(mac: str) -> str:
         raise ApiError(403, "invalid or expired install token")
     if config().install_token_bind_ip and pinned and pinned != request.remote_addr:
         raise ApiError(403, "install token is bound to another address")
-    return mac
+    return mac, nonce
 
 
 @blueprint.get("/preseed/<mac>/preseed.cfg")
 def preseed(mac: str) -> Response:
-    mac = _installing_mac(mac)
+    mac, nonce = _installing_mac(mac)
     node = dict(store().get_node(mac) or {})
     try:
         node.update(_network_overrides())
@@ -144,7 +149,9 @@ def preseed(mac: str) -> Response:
         lifecycle.installer_report(store(), mac, "progress", phase="preseed-fetched", detail=None)
     except lifecycle.TransitionRefused as exc:
         raise ApiError(403, str(exc)) from None
-    return _text(boot.preseed(config(), node, urls, request.args["token"]))
+    delivered = credentials.delivers_node_credentials(config())
+    password = credentials.install_password(store().conn(), mac, nonce) if delivered else None
+    return _text(boot.preseed(config(), node, urls, request.args["token"], mqtt_password=password))
 
 
 def _network_overrides() -> dict[str, object]:
@@ -158,7 +165,7 @@ def _network_overrides() -> dict[str, object]:
 def installer_callback(mac: str, event: str) -> Response:
     if event not in lifecycle.INSTALLER_EVENTS:
         raise ApiError(404, "unknown installer event")
-    mac = _installing_mac(mac)
+    mac, _nonce = _installing_mac(mac)
     try:
         phase = validate.phase(request.args["phase"]) if request.args.get("phase") else None
     except InvalidValue as exc:
@@ -190,8 +197,72 @@ def asset(subpath: str) -> Response:
 def agent_file(name: str) -> Response:
     if name not in AGENT_FILES:
         raise ApiError(404, "not found")
-    filename, mimetype = AGENT_FILES[name]
+    filename, mimetype, built = AGENT_FILES[name]
     directory = Path(config().assets_dir).resolve() / "agent"
-    if not (directory / filename).is_file():
-        raise ApiError(404, "agent not available: put it in the assets directory (agent/)")
-    return send_from_directory(directory, filename, mimetype=mimetype, conditional=True)
+    if (directory / filename).is_file():  # an operator's own build wins
+        return send_from_directory(directory, filename, mimetype=mimetype, conditional=True)
+    return Response(built(), mimetype=mimetype)
+
+
+# --- GRUB (arm64 UEFI) and the TFTP tree over HTTP ------------------------------------------------
+
+
+def _grub_urls() -> Urls:
+    """``_urls``, but a Host header without a port gets the port this request came in on: Debian's
+    GRUB 2.06 loses the port of ``(http,host:port)`` from its Host header, and UEFI HTTP boot omits it."""
+    urls = _urls()
+    host = request.headers.get("Host", "")
+    port = request.environ.get("SERVER_PORT", "")
+    if config().server_addr or host.rpartition(":")[2].isdigit() or not port.isdigit():
+        return urls
+    return Urls(f"{urls.base}:{port}")
+
+
+@blueprint.get("/boot/<mac>/grub.cfg")
+def node_grub_config(mac: str) -> Response:
+    """GRUB's boot.ipxe. It is also a GRUB node's first request, so it registers like ``/boot.ipxe?mac=``."""
+    mac = path_mac(mac)
+    if config().auto_register:
+        lifecycle.register_if_new(store(), mac, _grub_facts(), source="boot")
+    return _text(_grub_script(mac))
+
+
+def _grub_script(mac: str) -> str:
+    cfg = config()
+    node = store().get_node(mac)
+    if node is None:
+        return boot.grub_wait_script(mac, cfg.boot_poll_interval, "unregistered")
+    if node["status"] == "installed":
+        return boot.grub_installed_script(mac)
+    token = _install_token(node) if node["status"] == "installing" else None
+    if token is None:
+        reason = "discovered" if node["status"] == "installing" else node["status"]
+        return boot.grub_wait_script(mac, cfg.boot_poll_interval, reason)
+    return boot.grub_installing_script(cfg, node, _grub_urls(), token, boot.available_arches(cfg.assets_dir))
+
+
+def _grub_facts() -> dict[str, object]:
+    """What the GRUB loop tells about itself (``$grub_cpu``, ``$grub_platform``), validated."""
+    cpu = request.args.get("arch", "")
+    arch = {grub_cpu: debian for debian, grub_cpu in boot.DEBIAN_TO_GRUB_CPU.items()}.get(cpu)
+    if not arch or request.args.get("platform") != "efi":
+        return {}
+    return {"arch": arch, "facts": {"platform": "efi", "loader": "grub", "grub_cpu": cpu}}
+
+
+@blueprint.get("/tftp/<path:subpath>")
+def tftp_file(subpath: str) -> Response:
+    """The TFTP tree over HTTP, for UEFI HTTP boot (``http://<server>/tftp/ipxe.efi``).
+
+    Not for Debian's GRUB: booted over HTTP by Debian 12's AAVMF it gets no network settings from the
+    firmware (empty ``Uri()`` in its device path), so it has no prefix and loads no config at all.
+    """
+    try:
+        found = tftp.resolve(config(), subpath, lambda: _grub_urls().base)
+    except tftp.AccessViolation:
+        raise ApiError(403, "access violation") from None
+    except tftp.FileNotFound:
+        raise ApiError(404, "not found") from None
+    if isinstance(found, bytes):
+        return _text(found.decode())
+    return send_file(found, mimetype="application/octet-stream", conditional=True, max_age=3600)

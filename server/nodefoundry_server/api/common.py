@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Response, current_app, jsonify, request
+from flask import Response, current_app, g, jsonify, request
 
-from .. import validate
+from .. import auth, validate
 from ..config import Config
 from ..store import Store
 from ..validate import InvalidValue
@@ -54,3 +54,40 @@ def config() -> Config:
 
 def store() -> Store:
     return current_app.extensions["nodefoundry"]["store"]
+
+
+READ_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def authenticate() -> None:
+    """before_request of the /api/v1 blueprints: a bearer token; read-only tokens may only read."""
+    if request.endpoint == "nodes.openapi":
+        return
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    principal = auth.authenticate(store(), token.strip(), config().api_token) if scheme.lower() == "bearer" else None
+    if principal is None:
+        raise ApiError(401, "missing or invalid token")
+    if request.method not in READ_METHODS and not principal.can_write:
+        raise ApiError(403, "read-only token cannot change anything")
+    g.principal = principal
+
+
+def challenge(response: Response) -> Response:
+    if response.status_code == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="nodefoundry"'
+    return response
+
+
+def actor() -> str:
+    """The name of the token behind this request, recorded in events."""
+    return g.principal.name
+
+
+def int_arg(name: str, default: int | None, low: int, high: int) -> int | None:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+        raise ApiError(400, f"invalid {name}: an integer from {low} to {high}")
+    return int(raw)

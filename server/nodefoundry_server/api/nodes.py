@@ -4,53 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, g, jsonify, request, url_for
+from flask import Blueprint, Response, jsonify, request, url_for
 
-from .. import auth, lifecycle, nodes, validate
+from .. import lifecycle, nodes, validate
 from ..lifecycle import LifecycleError, NodeExists, NodeNotFound
 from ..validate import InvalidValue
-from .common import ApiError, config, json_body, no_content, path_mac, store
+from .common import ApiError, actor, authenticate, challenge, config, int_arg, json_body, no_content, path_mac, store
 from .openapi import document as openapi_document
 
 blueprint = Blueprint("nodes", __name__, url_prefix="/api/v1")
 
-READ_METHODS = ("GET", "HEAD", "OPTIONS")
 MAX_BULK = 10000
 ACTIONS = ("install", "reinstall")
 
 
-@blueprint.before_request
-def _authenticate() -> None:
-    if request.endpoint == "nodes.openapi":
-        return
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    principal = auth.authenticate(store(), token.strip(), config().api_token) if scheme.lower() == "bearer" else None
-    if principal is None:
-        raise ApiError(401, "missing or invalid token")
-    if request.method not in READ_METHODS and not principal.can_write:
-        raise ApiError(403, "read-only token cannot change anything")
-    g.principal = principal
-
-
-@blueprint.after_request
-def _challenge(response: Response) -> Response:
-    if response.status_code == 401:
-        response.headers["WWW-Authenticate"] = 'Bearer realm="nodefoundry"'
-    return response
-
-
-def _actor() -> str:
-    return g.principal.name
-
-
-def _int_arg(name: str, default: int | None, low: int, high: int) -> int | None:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
-        return default
-    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
-        raise ApiError(400, f"invalid {name}: an integer from {low} to {high}")
-    return int(raw)
+blueprint.before_request(authenticate)
+blueprint.after_request(challenge)
 
 
 @blueprint.get("/nodes")
@@ -59,8 +28,8 @@ def list_nodes() -> Response:
         wanted = lifecycle.statuses(",".join(request.args.getlist("status")).split(","))
     except LifecycleError as exc:
         raise ApiError(400, str(exc)) from None
-    limit = _int_arg("limit", None, 1, 100000)
-    offset = _int_arg("offset", 0, 0, 10**9) or 0
+    limit = int_arg("limit", None, 1, 100000)
+    offset = int_arg("offset", 0, 0, 10**9) or 0
     found, total = store().list_nodes(wanted, limit, offset)
     response = jsonify(found)
     response.headers["X-Total-Count"] = str(total)
@@ -75,7 +44,7 @@ def create_node() -> tuple[Response, int, dict[str, str]]:
         fields = nodes.parse_fields({k: v for k, v in body.items() if k != "mac"}, config().profiles)
         fields = {key: value for key, value in fields.items() if value is not None}
         nodes.check_network(fields)
-        node = lifecycle.register(store(), mac, fields, source="api", actor=_actor())
+        node = lifecycle.register(store(), mac, fields, source="api", actor=actor())
     except InvalidValue as exc:
         raise ApiError(400, str(exc)) from None
     except NodeExists as exc:
@@ -97,7 +66,7 @@ def patch_node(mac: str) -> Response:
     body = json_body()
     try:
         fields = nodes.parse_fields(body, config().profiles)
-        return jsonify(nodes.update(store(), mac, fields, source="api", actor=_actor()))
+        return jsonify(nodes.update(store(), mac, fields, source="api", actor=actor()))
     except InvalidValue as exc:
         raise ApiError(400, str(exc)) from None
     except NodeNotFound as exc:
@@ -107,7 +76,7 @@ def patch_node(mac: str) -> Response:
 @blueprint.delete("/nodes/<mac>")
 def delete_node(mac: str) -> Response:
     try:
-        nodes.delete(store(), path_mac(mac), source="api", actor=_actor())
+        nodes.delete(store(), path_mac(mac), source="api", actor=actor())
     except NodeNotFound as exc:
         raise ApiError(404, str(exc)) from None
     return no_content()
@@ -124,7 +93,7 @@ def act_on_node(mac: str) -> Response:
     if action not in ACTIONS:
         raise ApiError(400, "unknown action")
     try:
-        return jsonify(lifecycle.start_install(store(), mac, action, source="api", actor=_actor()))
+        return jsonify(lifecycle.start_install(store(), mac, action, source="api", actor=actor()))
     except NodeNotFound as exc:
         raise ApiError(404, str(exc)) from None
     except LifecycleError as exc:
@@ -155,7 +124,7 @@ def bulk_action() -> Response:
         if mac not in results:
             valid.append(mac)
             results[mac] = {}
-    for outcome in lifecycle.start_install_many(store(), valid, action, source="api", actor=_actor(), dry_run=dry_run):
+    for outcome in lifecycle.start_install_many(store(), valid, action, source="api", actor=actor(), dry_run=dry_run):
         results[outcome.mac] = outcome.json()
     listed = list(results.values())
     summary = {
@@ -169,8 +138,8 @@ def bulk_action() -> Response:
 @blueprint.get("/nodes/<mac>/events")
 def node_events(mac: str) -> Response:
     mac = path_mac(mac)
-    limit = _int_arg("limit", 100, 1, 1000) or 100
-    after = _int_arg("after", 0, 0, 2**62) or 0
+    limit = int_arg("limit", 100, 1, 1000) or 100
+    after = int_arg("after", 0, 0, 2**62) or 0
     if store().get_node_row(mac) is None and not store().has_events(mac):
         raise ApiError(404, "node not found")
     return jsonify(store().node_events(mac, limit, after))

@@ -18,10 +18,14 @@ from typing import Any
 import jinja2
 
 from ..config import Config
+from ..mqtt.broker import node_broker
+from ..mqtt.credentials import node_username
 
 # iPXE ${buildarch} -> Debian architecture. 32-bit iPXE builds (undionly.kpxe is
 # i386) run on 64-bit PCs, and Debian 12 installs amd64 there.
 IPXE_ARCH_TO_DEBIAN = {"x86_64": "amd64", "i386": "amd64", "arm64": "arm64"}
+# Debian architecture -> GRUB's $grub_cpu (arm64-efi sets "arm64", x86_64-efi "x86_64").
+DEBIAN_TO_GRUB_CPU = {"amd64": "x86_64", "arm64": "arm64"}
 DEBIAN_ARCHES = ("amd64", "arm64")
 BASE_PACKAGES = ("openssh-server", "python3", "python3-paho-mqtt", "sudo", "ca-certificates")
 INSTALLER_FILES = ("linux", "initrd.gz")
@@ -58,6 +62,13 @@ def _sh(value: Any) -> str:
     return shlex.quote(_one_line(str(value), "a preseed shell line"))
 
 
+def _grub(value: Any) -> str:
+    """One GRUB script word: single-quoted, where nothing is special; a quote inside is written
+    ``'\\''`` (GRUB's lexer joins adjacent quoted parts into one word, as sh does). Control characters
+    are refused: a newline inside quotes would reach the kernel command line or an echo."""
+    return "'" + _one_line(str(value), "a GRUB script").replace("'", "'\\''") + "'"
+
+
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("nodefoundry_server.boot", "templates"),
     undefined=jinja2.StrictUndefined,
@@ -66,7 +77,7 @@ _ENV = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
-_ENV.filters.update(ipxe=_ipxe, debconf=_debconf, sh=_sh)
+_ENV.filters.update(ipxe=_ipxe, debconf=_debconf, sh=_sh, grub=_grub)
 
 
 def _render(template: str, **context: Any) -> str:
@@ -160,7 +171,57 @@ def installing_script(
     )
 
 
-def preseed(config: Config, node: Mapping[str, Any], urls: Urls, token: str) -> str:
+def grub_device_path(url: str) -> str:
+    """``http://host:port/path`` as GRUB names it: ``(http,host:port)/path`` (Debian's GRUB 2.06 takes the port)."""
+    scheme, rest = url.split("://", 1)
+    host, slash, path = rest.partition("/")
+    return f"({scheme},{host}){slash}{path}"
+
+
+def grub_netboot_script(urls: Urls, poll_seconds: int) -> str:
+    """GRUB's network config: a loop that sources ``/boot/<mac>/grub.cfg``. The loop lives here and not in
+    the node's config, because a config that loaded itself again would nest GRUB one level deeper per poll."""
+    return _render("grub-netboot.cfg.j2", device=grub_device_path(urls.base), base=urls.base, poll=poll_seconds)
+
+
+def grub_wait_script(mac: str, poll_seconds: int, reason: str) -> str:
+    """Say why the node waits, sleep, and return to the loop, which asks again."""
+    return _render("grub.cfg.j2", state="wait", mac=mac, poll=poll_seconds, reason=reason)
+
+
+def grub_installed_script(mac: str) -> str:
+    return _render("grub.cfg.j2", state="installed", mac=mac)
+
+
+def grub_installing_script(
+    config: Config, node: Mapping[str, Any], urls: Urls, token: str, available_arches: tuple[str, ...]
+) -> str:
+    """The installer over HTTP with the iPXE script's kernel arguments; the branch is chosen by ``$grub_cpu``.
+
+    No ``initrd=`` argument: iPXE needs it for the kernel's EFI stub, GRUB hands the initrd over itself.
+    """
+    return _render(
+        "grub.cfg.j2",
+        state="installing",
+        mac=node["mac"],
+        args=kernel_args(config, node, urls, token),
+        arches=[
+            (
+                arch,
+                DEBIAN_TO_GRUB_CPU[arch],
+                grub_device_path(urls.asset(arch, "linux")),
+                grub_device_path(urls.asset(arch, "initrd.gz")),
+            )
+            for arch in available_arches
+        ],
+        missing=[arch for arch in DEBIAN_ARCHES if arch not in available_arches],
+        poll=config.boot_poll_interval,
+    )
+
+
+def preseed(config: Config, node: Mapping[str, Any], urls: Urls, token: str, mqtt_password: str | None = None) -> str:
+    """The per-install preseed. ``mqtt_password`` (per-node broker credentials) goes only into the agent's
+    0600 env file, and only here: this file is served solely against the install token."""
     settings = config.profile(node.get("profile"))
     mac = node["mac"]
     static = bool(node.get("ip") and node.get("netmask"))
@@ -168,10 +229,12 @@ def preseed(config: Config, node: Mapping[str, Any], urls: Urls, token: str) -> 
     mirror_host = config.mirror_url
     agent_env = {
         "NF_MAC": mac,
-        "NF_MQTT_BROKER": config.mqtt_broker or urls.base.split("://", 1)[1].rsplit(":", 1)[0] + ":1883",
+        "NF_MQTT_BROKER": node_broker(config, urls.base.split("://", 1)[1].rsplit(":", 1)[0]),
         "NF_LOG_LEVEL": config.log_level,
         "NF_HEARTBEAT_INTERVAL": str(config.agent_heartbeat_interval),
     }
+    if mqtt_password is not None:
+        agent_env.update(NF_MQTT_USERNAME=node_username(mac), NF_MQTT_PASSWORD=mqtt_password)
     return _render(
         "preseed.cfg.j2",
         mac=mac,

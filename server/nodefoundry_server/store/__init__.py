@@ -12,7 +12,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -167,9 +167,21 @@ def add_event(
     at: str | None = None,
 ) -> None:
     """Append one history row inside the caller's transaction."""
-    conn.execute(
+    add_events(conn, [(mac, at or now(), source, kind, field, old, new, detail, actor)])
+
+
+EventRow = tuple[str, str, str, str, str | None, Any, Any, dict[str, Any] | None, str | None]
+
+
+def add_events(conn: sqlite3.Connection, rows: Iterable[EventRow]) -> None:
+    """Append many history rows with one statement (batched writers); each row is
+    ``(mac, at, source, kind, field, old, new, detail, actor)`` as ``add_event`` takes them."""
+    conn.executemany(
         "INSERT INTO node_events (mac, at, source, kind, field, old, new, detail, actor) VALUES (?,?,?,?,?,?,?,?,?)",
-        (mac, at or now(), source, kind, field, _text(old), _text(new), json.dumps(detail) if detail else None, actor),
+        [
+            (mac, at, source, kind, field, _text(old), _text(new), json.dumps(detail) if detail else None, actor)
+            for mac, at, source, kind, field, old, new, detail, actor in rows
+        ],
     )
 
 
