@@ -93,7 +93,19 @@ def banner(config: Config, host: str, port: int, token: str | None, token_path: 
             "  DHCP        off. To serve DHCP set NF_DHCP_INTERFACE=<iface> with NF_DHCP_IP_POOL_START/END,"
             " or NF_DHCP_PROXY_MODE=true beside an existing DHCP server."
         )
+    lines.append(f"  MQTT        {_describe_mqtt(config)}")
     return "\n".join(lines)
+
+
+def _describe_mqtt(config: Config) -> str:
+    if config.mqtt_broker:
+        return f"broker {config.mqtt_broker}" + (", per-node credentials" if config.mqtt_node_auth else "")
+    if config.mqtt_embedded_listen:
+        return f"embedded Mosquitto; nodes connect to {config.mqtt_embedded_listen}"
+    return (
+        "embedded Mosquitto on loopback only. Installed nodes report in once it listens for them:"
+        " set NF_MQTT_EMBEDDED_LISTEN=:1883 (or NF_MQTT_BROKER for your own broker)."
+    )
 
 
 def _primary_address() -> str:
