@@ -15,34 +15,19 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from tests.conftest import wait_for
 from tests.debconf import debconf_load
 
 VENV_PYTHON = sys.executable
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian 12's interpreter with python3-paho-mqtt 1.6
 HEARTBEAT = 5  # NF_HEARTBEAT_INTERVAL on both sides: the smallest the server accepts
 ENV_FILE = "/target/etc/default/nodefoundry-agent"
-
-T = TypeVar("T")
-
-
-def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
-    """Poll until ``predicate`` returns something truthy; bounded, never a fixed sleep."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 # --- the server side: enrolment through the install path ------------------------------------------------------

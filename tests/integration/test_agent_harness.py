@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -29,6 +28,7 @@ import pytest
 
 from nodefoundry_agent import build, protocol
 from tests.conftest import free_port
+from tests.conftest import wait_for as poll_until
 
 T = TypeVar("T")
 MAC = "02a0b0c0d0e1"
@@ -38,15 +38,8 @@ RUNTIMES = ("venv-paho2", "pyz-paho16")
 
 
 def wait_for(predicate: Callable[[], T], what: str, timeout: float = WAIT_SECONDS) -> T:
-    """Poll until ``predicate`` returns something truthy; bounded, never a fixed sleep."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
+    """The shared bounded poll, with this harness's default timeout and a short interval."""
+    return poll_until(predicate, timeout, what, interval=0.05)
 
 
 class Broker:
