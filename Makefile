@@ -12,7 +12,7 @@ DEB_PACKAGES := python3-venv python3-dev gcc debconf dash busybox sqlite3 curl \
 	isc-dhcp-relay tftp-hpa python3-paho-mqtt
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup run test lint format bench collection clean
+.PHONY: setup run test lint format bench bench-dhcp bench-mqtt collection clean sanity ansible-units collection-tests
 
 setup: debian-packages $(STAMP)
 
@@ -43,11 +43,33 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
+# ansible-test works only inside ansible_collections/<namespace>/<name>: run_ansible_test.py copies the
+# collection under a temporary one (see its docstring for what sanity covers and why).
+sanity: setup
+	$(BIN)/python tests/ansible/run_ansible_test.py sanity
+
+ansible-units: setup
+	$(BIN)/python tests/ansible/run_ansible_test.py units
+
+# The collection's tests alone; `make test` runs them too (the pytest part with every other test).
+collection-tests: sanity ansible-units
+	$(BIN)/pytest tests/ansible tests/unit/plugins
+
+test: lint sanity ansible-units
 	$(BIN)/pytest
 
 bench: setup
 	$(BIN)/python bench/http_bench.py
+	$(BIN)/python bench/dhcp_storm.py
+	$(BIN)/python bench/mqtt_ingest.py
+	$(BIN)/python bench/agent_footprint.py --seconds 300
+
+bench-dhcp: setup
+	$(BIN)/python bench/dhcp_storm.py
+
+bench-mqtt: setup
+	$(BIN)/python bench/mqtt_ingest.py
+	$(BIN)/python bench/agent_footprint.py --seconds 300
 
 collection: setup
 	rm -rf build/collection && mkdir -p build/collection

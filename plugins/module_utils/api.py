@@ -34,6 +34,10 @@ _MAC_FORMS = (
 )
 
 
+# http(s)://host[:port][/path prefix]: no spaces, query or fragment, which the API paths are appended to.
+_URL = re.compile(r"^https?://[^/\s?#]+(/[^\s?#]*)?\Z")
+
+
 class ApiError(Exception):
     """A failed API call; ``str()`` is one line for ``fail_json``."""
 
@@ -58,7 +62,7 @@ class Client:
     def __init__(self, url, token, validate_certs=True, timeout=30):
         if not url:
             raise ApiError("no server URL: set the url option or NODEFOUNDRY_URL")
-        if not re.match(r"^https?://[^/\s]+", url):
+        if not _URL.match(url):
             raise ApiError("invalid server URL %r: expected http(s)://host[:port]" % (url,))
         if not token:
             raise ApiError("no API token: set the token option or NODEFOUNDRY_TOKEN")
@@ -94,7 +98,7 @@ class Client:
             raise ApiError("cannot reach the NodeFoundry server at %s: %s" % (self.base, exc)) from None
         payload = _decode(raw)
         if status not in expect:
-            raise ApiError(_error_text(method, path, status, payload), status)
+            raise ApiError(_error_text(method, path, status, payload, response_headers), status)
         return status, payload, response_headers
 
     # -- nodes --------------------------------------------------------------------------------------------
@@ -149,9 +153,14 @@ def _decode(raw):
         return raw.decode("utf-8", "replace")[:200] if isinstance(raw, bytes) else str(raw)[:200]
 
 
-def _error_text(method, path, status, payload):
+def _error_text(method, path, status, payload, headers):
     if isinstance(payload, dict) and isinstance(payload.get("error"), str):
         reason = payload["error"]
+    elif 300 <= status < 400:
+        location = {key.lower(): value for key, value in headers.items()}.get("location")
+        reason = "redirected to %s (check the url)" % (location,)
+    elif payload is None:
+        reason = "empty response"
     else:
         reason = "unexpected response %r" % (payload,)
     hint = {401: " (check the token)", 403: " (the token lacks the right role)"}.get(status, "")

@@ -17,14 +17,21 @@ description:
   - In check mode nothing is sent; the module reports that the command would run.
 version_added: 0.1.0
 author:
-  - NodeFoundry contributors
+  - NodeFoundry contributors (!UNKNOWN)
 extends_documentation_fragment:
   - nodefoundry.provision.connection
+  - ansible.builtin.action_common_attributes
+  - ansible.builtin.action_common_attributes.actiongroups
 attributes:
   check_mode:
     support: full
   diff_mode:
     support: none
+  platform:
+    platforms: all
+  action_group:
+    support: full
+    membership: [nodefoundry.provision.nodefoundry]
 options:
   macs:
     description: MAC addresses of the nodes.
@@ -38,12 +45,14 @@ options:
     choices: [reboot, shutdown, service, facts, ping, exec]
   args:
     description:
-      - Arguments of the command, for example C({unit: nginx.service, action: restart}) for V(service) or
-        C({name: collect-logs, argv: [--since, 1h], timeout: 120}) for V(exec).
+      - "Arguments of the command, for example C({unit: nginx.service, action: restart}) for V(service) or
+        C({name: collect-logs, argv: [--since, 1h], timeout: 120}) for V(exec)."
     type: dict
     default: {}
-  timeout:
-    description: Seconds the server gives the command to finish, from now (its deadline). Default from the server.
+  command_timeout:
+    description:
+      - Seconds the server gives the command to finish, from now (its deadline). Default from the server.
+      - Not O(timeout), which bounds each HTTP request to the server.
     type: int
   wait:
     description: Wait for every command to reach a final state (or its deadline).
@@ -88,7 +97,7 @@ results:
         - C(succeeded), C(failed), C(timed_out), C(rejected) or C(expired) at the end.
       type: str
       returned: when queued
-    exit_code: {description: Exit code, when the command ran a process., type: int, returned: when known}
+    exit_code: {description: Exit code (when the command ran a process)., type: int, returned: when known}
     stdout: {description: Tail of the standard output., type: str, returned: when known}
     stderr: {description: Tail of the standard error., type: str, returned: when known}
     error: {description: Why the command was not queued for this node., type: str, returned: when not queued}
@@ -145,7 +154,7 @@ def main():
             "choices": ["reboot", "shutdown", "service", "facts", "ping", "exec"],
         },
         args={"type": "dict", "default": {}},
-        timeout={"type": "int"},
+        command_timeout={"type": "int"},
         wait={"type": "bool", "default": True},
         wait_timeout={"type": "int", "default": 600},
         wait_sleep={"type": "int", "default": 3},
@@ -158,7 +167,7 @@ def main():
         client = client_from_params(params)
         if module.check_mode or not macs:
             module.exit_json(changed=bool(macs), results=[{"mac": mac} for mac in macs], summary={})
-        sent = client.send_commands(macs, params["command"], params["args"], params["timeout"])["results"]
+        sent = client.send_commands(macs, params["command"], params["args"], params["command_timeout"])["results"]
         results = [
             {"mac": item["mac"], "id": item["id"], "state": "queued"} if item.get("ok") else item for item in sent
         ]

@@ -16,14 +16,21 @@ description:
   - Check mode changes nothing on the server and reports what would change; diff mode shows the fields.
 version_added: 0.1.0
 author:
-  - NodeFoundry contributors
+  - NodeFoundry contributors (!UNKNOWN)
 extends_documentation_fragment:
   - nodefoundry.provision.connection
+  - ansible.builtin.action_common_attributes
+  - ansible.builtin.action_common_attributes.actiongroups
 attributes:
   check_mode:
     support: full
   diff_mode:
     support: full
+  platform:
+    platforms: all
+  action_group:
+    support: full
+    membership: [nodefoundry.provision.nodefoundry]
 options:
   mac:
     description: MAC address of the node (C(aa:bb:cc:dd:ee:ff), C(aa-bb-...) or 12 hex digits).
@@ -140,11 +147,19 @@ def wanted_fields(params, node):
         if value is None:
             continue
         current = (node or {}).get(key)
-        if key == "netmask" and current and _prefix_form(value) == current:
-            continue
+        value = STORED_FORM.get(key, _same)(value)
         if current != value and not (current in (None, "", [], {}) and value in ("", [], {})):
             changes[key] = value
     return changes
+
+
+def _same(value):
+    return value
+
+
+def _label_strings(labels):
+    """Label values are strings on the server; ``rack: 1`` in YAML means ``"1"``."""
+    return {key: value if isinstance(value, str) else str(value) for key, value in labels.items()}
 
 
 def _prefix_form(value):
@@ -154,6 +169,10 @@ def _prefix_form(value):
         return value
     bits = (0xFFFFFFFF << (32 - int(text))) & 0xFFFFFFFF
     return ".".join(str((bits >> shift) & 0xFF) for shift in (24, 16, 8, 0))
+
+
+# How the server stores a value it accepts, so a second run compares like with like (idempotence).
+STORED_FORM = {"hostname": lambda value: value.lower(), "netmask": _prefix_form, "labels": _label_strings}
 
 
 def wait_for_end(client, mac, timeout, sleep):
@@ -168,6 +187,11 @@ def wait_for_end(client, mac, timeout, sleep):
         if time.monotonic() + sleep > deadline:
             raise ApiError("install of %s did not end within %d s (status %s)" % (mac, timeout, node["status"]))
         time.sleep(sleep)
+
+
+def diff_view(node):
+    """The fields this module manages: the same in check mode and in a real run (no server timestamps)."""
+    return {key: node[key] for key in ("mac", "status", *FIELDS) if (node or {}).get(key) not in (None, "", [], {})}
 
 
 class NodeTask:
@@ -199,8 +223,8 @@ class NodeTask:
         return dict(node, **changes) if self.check else self.client.update_node(self.mac, changes)
 
     def _create(self, changes):
-        node = self.client.create_node({"mac": self.mac})
-        return self.client.update_node(self.mac, changes) if changes else node
+        """One request, so a refused field leaves no half-registered node behind."""
+        return self.client.create_node(dict(changes, mac=self.mac))
 
     def installed(self, node):
         node = self.present(node)
@@ -250,7 +274,7 @@ def main():
         after = getattr(task, module.params["state"])(before)
     except ApiError as exc:
         module.fail_json(msg=str(exc))
-    module.exit_json(changed=task.changed, node=after, diff={"before": before or {}, "after": after or {}})
+    module.exit_json(changed=task.changed, node=after, diff={"before": diff_view(before), "after": diff_view(after)})
 
 
 if __name__ == "__main__":

@@ -14,17 +14,26 @@ description:
     a thousand hosts makes one request, not a thousand. Meant to run once per play (C(run_once), on the controller).
   - O(action=install) starts only C(discovered) nodes; nodes in any other status are reported and left alone.
     O(action=reinstall) starts C(installed) and C(failed) nodes again (a disk wipe).
-  - Check mode asks the server for a dry run: the same per-node answers, nothing changed.
+  - The task fails when a MAC is not registered on the server (the others are still started), and with
+    O(wait=true) when an install failed or did not end in time.
+  - Check mode asks the server for a dry run, which gives the same per-node answers and changes nothing.
 version_added: 0.1.0
 author:
-  - NodeFoundry contributors
+  - NodeFoundry contributors (!UNKNOWN)
 extends_documentation_fragment:
   - nodefoundry.provision.connection
+  - ansible.builtin.action_common_attributes
+  - ansible.builtin.action_common_attributes.actiongroups
 attributes:
   check_mode:
     support: full
   diff_mode:
     support: none
+  platform:
+    platforms: all
+  action_group:
+    support: full
+    membership: [nodefoundry.provision.nodefoundry]
 options:
   macs:
     description: MAC addresses of the nodes.
@@ -106,6 +115,34 @@ def summarize(results):
     }
 
 
+def problems(results, started, final, timeout):
+    """One line naming every node that makes the task fail: unknown, still installing, or failed."""
+    unknown = [item["mac"] for item in results if not item.get("ok") and not item.get("status")]
+    still = sorted(mac for mac in started if final.get(mac) == "installing")
+    failed = sorted(mac for mac in started if final.get(mac) == "failed")
+    parts = []
+    if unknown:
+        parts.append("unknown to the server (not registered): %s" % ", ".join(unknown))
+    if still:
+        parts.append("install not ended within %d s: %s" % (timeout, ", ".join(still)))
+    if failed:
+        parts.append("install failed: %s" % ", ".join(failed))
+    return "; ".join(parts)
+
+
+def run(module, client, macs):
+    """The bulk call, then (optionally) the bounded wait; per-node results and the failure line, if any."""
+    params = module.params
+    results = client.bulk(params["action"], macs, dry_run=module.check_mode)["results"] if macs else []
+    started = {item["mac"] for item in results if item.get("changed")}
+    final = {}
+    if params["wait"] and started and not module.check_mode:
+        final = wait_for_all(client, started, params["wait_timeout"], params["wait_sleep"])
+        for item in results:
+            item["status"] = final.get(item["mac"], item.get("status"))
+    return results, problems(results, started, final, params["wait_timeout"])
+
+
 def main():
     argument_spec = dict(
         CONNECTION_ARGS,
@@ -116,28 +153,15 @@ def main():
         wait_sleep={"type": "int", "default": 15},
     )
     module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
-    params = module.params
     try:
-        macs = [normalize_mac(mac) for mac in params["macs"]]
-        client = client_from_params(params)
-        results = client.bulk(params["action"], macs, dry_run=module.check_mode)["results"] if macs else []
-        started = {item["mac"] for item in results if item.get("changed")}
-        if params["wait"] and started and not module.check_mode:
-            final = wait_for_all(client, started, params["wait_timeout"], params["wait_sleep"])
-            for item in results:
-                item["status"] = final.get(item["mac"], item.get("status"))
-            still = sorted(mac for mac in started if final.get(mac) == "installing")
-            failed = sorted(mac for mac in started if final.get(mac) == "failed")
-            if still or failed:
-                module.fail_json(
-                    msg="installs not ended within %d s: %s; failed: %s"
-                    % (params["wait_timeout"], ", ".join(still) or "none", ", ".join(failed) or "none"),
-                    results=results,
-                    summary=summarize(results),
-                )
+        macs = [normalize_mac(mac) for mac in module.params["macs"]]
+        results, failure = run(module, client_from_params(module.params), macs)
     except ApiError as exc:
         module.fail_json(msg=str(exc))
-    module.exit_json(changed=any(item.get("changed") for item in results), results=results, summary=summarize(results))
+    outcome = {"changed": any(item.get("changed") for item in results), "results": results}
+    if failure:
+        module.fail_json(msg=failure, summary=summarize(results), **outcome)
+    module.exit_json(summary=summarize(results), **outcome)
 
 
 if __name__ == "__main__":
