@@ -12,7 +12,7 @@ DEB_PACKAGES := python3-venv python3-dev gcc debconf dash busybox sqlite3 curl \
 	isc-dhcp-relay tftp-hpa python3-paho-mqtt
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup run test lint format bench bench-dhcp bench-mqtt collection clean sanity ansible-units collection-tests
+.PHONY: setup run test lint format bench bench-dhcp bench-mqtt bench-inventory collection clean sanity ansible-units collection-tests
 
 setup: debian-packages $(STAMP)
 
@@ -63,6 +63,7 @@ bench: setup
 	$(BIN)/python bench/dhcp_storm.py
 	$(BIN)/python bench/mqtt_ingest.py
 	$(BIN)/python bench/agent_footprint.py --seconds 300
+	$(BIN)/python bench/inventory_bench.py
 
 bench-dhcp: setup
 	$(BIN)/python bench/dhcp_storm.py
@@ -70,6 +71,9 @@ bench-dhcp: setup
 bench-mqtt: setup
 	$(BIN)/python bench/mqtt_ingest.py
 	$(BIN)/python bench/agent_footprint.py --seconds 300
+
+bench-inventory: setup
+	$(BIN)/python bench/inventory_bench.py
 
 collection: setup
 	rm -rf build/collection && mkdir -p build/collection
