@@ -46,6 +46,7 @@ STOP_TIMEOUT_SECONDS = 5.0
 RELOAD_TIMEOUT_SECONDS = 30.0
 LOG_ROTATE_BYTES = 10 * 1024 * 1024
 RUNTIME_ROOT = Path("/run/nodefoundry")
+OWNER_FILE = "owner.pid"  # the services process that uses a /run fallback directory
 _PR_SET_PDEATHSIG = 1
 
 
@@ -244,7 +245,9 @@ class EmbeddedBroker:
         digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:16]
         self.files_dir = RUNTIME_ROOT / f"mqtt-{digest}"
         RUNTIME_ROOT.mkdir(mode=0o755, exist_ok=True)
+        _remove_orphaned_runtime_dirs()
         _private_dir(self.files_dir)
+        (self.files_dir / OWNER_FILE).write_text(f"{os.getpid()}\n")
         log.warning(
             "user mosquitto cannot reach %s (a parent directory is not searchable by it); its files are in %s",
             self.data_dir,
@@ -368,3 +371,14 @@ def _end(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _remove_orphaned_runtime_dirs() -> None:
+    """A server killed with -9 cannot remove its /run fallback directory; the next start does, by owner pid."""
+    for directory in RUNTIME_ROOT.glob("mqtt-*"):
+        try:
+            owner = int((directory / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if owner != os.getpid() and not Path(f"/proc/{owner}").exists():
+            shutil.rmtree(directory, ignore_errors=True)
