@@ -55,7 +55,7 @@ class Service(Protocol):
 
 
 def build_services(config: Config, store: Store) -> list[Service]:
-    """The services this configuration asks for; disabled ones say so in /health."""
+    """The services this configuration asks for (announce_components has told /health about the others)."""
     from .dhcp import DhcpService
     from .mqtt import MqttService
     from .tftp import TftpService, tftp_enabled
