@@ -12,9 +12,7 @@ table; everything started is stopped and the temporary directory removed at the 
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,18 +22,13 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+from common import CLOCK_TICKS, free_port, markdown_table, process_cpu_seconds
+
 from nodefoundry_agent import __version__, build
 
 RSS_TARGET_KB = 30 * 1024
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MAC = "02ffeeddccbb"
 CONNECT_TIMEOUT_SECONDS = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def rss_kb(pid: int) -> int:
@@ -43,12 +36,6 @@ def rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for {pid}")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime (fields 14 and 15 of /proc/<pid>/stat; the command name may contain spaces)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def version_of(python: str) -> str:
@@ -96,10 +83,10 @@ def measure(python: str, seconds: float, workdir: Path) -> list[tuple[str, str]]
         process([python, str(pyz)], agent_log, env) as agent,  # it retries until the broker listens
     ):
         wait_connected(agent, agent_log)
-        rss_start, cpu_start, started = rss_kb(agent.pid), cpu_seconds(agent.pid), time.monotonic()
+        rss_start, cpu_start, started = rss_kb(agent.pid), process_cpu_seconds(agent.pid), time.monotonic()
         print(f"[bench] agent {agent.pid} connected; idle for {seconds:g} s", file=sys.stderr, flush=True)
         time.sleep(seconds)
-        rss_end, cpu_end, elapsed = rss_kb(agent.pid), cpu_seconds(agent.pid), time.monotonic() - started
+        rss_end, cpu_end, elapsed = rss_kb(agent.pid), process_cpu_seconds(agent.pid), time.monotonic() - started
     if "Traceback" in agent_log.read_text(errors="replace"):
         raise SystemExit(f"the agent logged errors:\n{agent_log.read_text(errors='replace')}")
     cpu = cpu_end - cpu_start
@@ -124,10 +111,7 @@ def main() -> int:
     print()
     print(f"agent {__version__} zipapp, {version_of(args.python)}, {platform.machine()}, heartbeat 30 s, idle")
     print()
-    print("| measure | value |")
-    print("|---|---|")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
+    print(markdown_table(["measure", "value"], [list(row) for row in rows]))
     return 0
 
 

@@ -50,16 +50,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # tests.netns; bench/ itself is on sys.path as the script's directory
 
-from http_bench import (  # noqa: E402
+from common import (  # noqa: E402
     CPUS,
     DISTURBED_SHARE,
     CpuUse,
+    cpu_meter,
     cpu_model,
     log,
-    machine_busy_seconds,
-    own_cpu_seconds,
+    markdown_table,
     stop_process,
-    tree_cpu_seconds,
 )
 
 from tests.netns import Namespace, namespaces, run_in, veth  # noqa: E402
@@ -698,13 +697,8 @@ def run_storm(kind: str, count: int, run_number: int, args: argparse.Namespace, 
                 sock, count, run_number, args.rate, args.outstanding, args.retransmit, args.tries, args.max_seconds
             )
             cpu = CpuUse()
-            busy, server_cpu, own = machine_busy_seconds(), tree_cpu_seconds([server.pid]), own_cpu_seconds()
-            began = time.monotonic()
-            result = storm.run()
-            cpu.seconds = time.monotonic() - began
-            cpu.server = tree_cpu_seconds([server.pid]) - server_cpu
-            cpu.client = own_cpu_seconds() - own
-            cpu.other = max(0.0, machine_busy_seconds() - busy - cpu.server - cpu.client)
+            with cpu_meter(cpu, server.pid):
+                result = storm.run()
             server_udp = counters_delta(udp_counters(server_ns), server_before)
             client_udp = counters_delta(udp_counters(client_ns), client_before)
             if not server.alive():
@@ -748,11 +742,9 @@ STORE_CELL = {True: "= ACKs", False: "**differ**", None: "—"}
 
 def table(runs: list[Run]) -> str:
     reference = {run.clients: run.result.dora_per_s for run in runs if run.server == "dnsmasq"}
-    lines = [
-        "| server | clients | leased | lost | DORA/s | p50 ms | p99 ms | NAKs | retransmits | duplicate addresses"
-        " | leases recorded | NodeFoundry / dnsmasq | target |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    head = ["server", "clients", "leased", "lost", "DORA/s", "p50 ms", "p99 ms", "NAKs", "retransmits",
+            "duplicate addresses", "leases recorded", "NodeFoundry / dnsmasq", "target"]  # fmt: skip
+    rows = []
     for run in runs:
         r = run.result
         ratio, target = "—", "—"
@@ -760,12 +752,10 @@ def table(runs: list[Run]) -> str:
             if reference.get(run.clients):
                 ratio = f"{r.dora_per_s / reference[run.clients]:.0%}"
             target = "pass" if nodefoundry_passed(run) else "**FAIL**"
-        lines.append(
-            f"| {run.server} | {r.clients:,} | {r.leased:,} | {r.lost:,} | {r.dora_per_s:,.0f} | {r.p50_ms:,.0f}"
-            f" | {r.p99_ms:,.0f} | {r.naks:,} | {r.retransmits:,} | {r.duplicates:,}"
-            f" | {STORE_CELL[run.store_ok]} | {ratio} | {target} |"
-        )
-    return "\n".join(lines)
+        rows.append([run.server, f"{r.clients:,}", f"{r.leased:,}", f"{r.lost:,}", f"{r.dora_per_s:,.0f}",
+                     f"{r.p50_ms:,.0f}", f"{r.p99_ms:,.0f}", f"{r.naks:,}", f"{r.retransmits:,}", f"{r.duplicates:,}",
+                     STORE_CELL[run.store_ok], ratio, target])  # fmt: skip
+    return markdown_table(head, rows)
 
 
 def notes(run: Run) -> str:

@@ -20,7 +20,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -35,14 +34,29 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+
+from common import (
+    CPUS,
+    CpuUse,
+    check_disturbed,
+    child_pids,
+    cpu_meter,
+    cpu_model,
+    free_port,
+    http,
+    log,
+    mac_for,
+    markdown_table,
+    stamp,
+    stop_process,
+    wait_http,
+)
 
 BIN = Path(sys.executable).parent
 SERVER_BIN = BIN / "nodefoundry-server"
 INSTALLER_DIR = Path("/usr/lib/debian-installer/images/12/amd64/text/debian-installer/amd64")
 INITRD_URL_PATH = "/assets/debian-installer/amd64/initrd.gz"
 MB = 1_000_000  # throughput is reported in decimal MB/s
-CPUS = os.cpu_count() or 1  # /proc/stat counts every CPU of the machine
 
 # Targets.
 BOOT_RPS_MIN = 2000.0
@@ -50,186 +64,6 @@ BOOT_P99_MAX_MS = 50.0
 LIST_MAX_MS = 300.0
 BULK_MAX_MS = 1000.0
 INITRD_RATIO_MIN = 0.50
-
-
-# --- helpers ------------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def stamp(moment: datetime) -> str:
-    """The store's timestamp format: RFC 3339, milliseconds, Z."""
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-def mac_for(index: int) -> str:
-    """Locally administered, unique, 12 lower-case hex digits (the store's form)."""
-    return f"02{index:010x}"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-def stop_process(process: subprocess.Popen[bytes] | None, name: str, sig: int = signal.SIGTERM) -> None:
-    if process is None or process.poll() is not None:
-        return
-    process.send_signal(sig)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        log(f"{name} did not stop on signal {sig}; killing it")
-        process.kill()
-        process.wait()
-
-
-def wait_http(url: str, process: subprocess.Popen[bytes], name: str, logfile: Path, attempts: int = 300) -> None:
-    for _ in range(attempts):
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with {process.returncode}:\n{logfile.read_text(errors='replace')}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                response.read()
-                return
-        except urllib.error.HTTPError:
-            return  # it answers
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{name} did not answer {url}:\n{logfile.read_text(errors='replace')}")
-
-
-def http(method: str, url: str, token: str | None = None, body: Any = None) -> tuple[int, dict[str, str], bytes]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
-
-
-# --- CPU accounting ---------------------------------------------------------------------------------------------
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy_seconds() -> float:
-    """CPU-seconds all CPUs spent not idle since boot (user, nice, system, irq, softirq, steal)."""
-    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
-
-
-def _process_table() -> tuple[dict[int, int], dict[int, float]]:
-    """(parent of each pid, CPU-seconds used so far by each pid) for all live processes."""
-    parents: dict[int, int] = {}
-    used: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited meanwhile
-        pid = int(entry.name)
-        parents[pid] = int(fields[1])
-        used[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
-    return parents, used
-
-
-def _descendants(roots: list[int], parents: dict[int, int]) -> set[int]:
-    members = {pid for pid in roots if pid in parents}
-    while found := {pid for pid, ppid in parents.items() if ppid in members} - members:
-        members |= found
-    return members
-
-
-def tree_cpu_seconds(roots: list[int]) -> float:
-    """CPU-seconds used so far by the live processes ``roots`` and all their descendants."""
-    parents, used = _process_table()
-    return sum(used[pid] for pid in _descendants(roots, parents))
-
-
-def child_pids(pid: int) -> list[int]:
-    parents, _ = _process_table()
-    return [child for child, parent in parents.items() if parent == pid]
-
-
-def own_cpu_seconds() -> float:
-    """This process and its reaped children (wrk, after subprocess.run returns)."""
-    times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
-
-
-@dataclass
-class CpuUse:
-    seconds: float = 0.0
-    server: float = 0.0
-    nginx: float = 0.0
-    client: float = 0.0
-    other: float = 0.0
-
-    def other_share(self, cpus: int) -> float:
-        return self.other / self.seconds / cpus if self.seconds else 0.0
-
-    def text(self, cpus: int) -> str:
-        def share(value: float) -> str:
-            return f"{value / self.seconds / cpus:.0%}" if self.seconds else "?"
-
-        parts = [f"server {share(self.server)}"]
-        if self.nginx > 0.05:
-            parts.append(f"nginx {share(self.nginx)}")
-        parts += [f"wrk+bench {share(self.client)}", f"**other processes {share(self.other)}**"]
-        return f"CPU use over {cpus} CPUs: " + ", ".join(parts)
-
-
-@contextmanager
-def cpu_meter(server_pid: int, nginx_pid: int, into: CpuUse) -> Iterator[None]:
-    """Split the machine's busy time during the block into ours (server, nginx, client) and everyone else's."""
-    began = time.monotonic()
-    busy, server, nginx, own = (
-        machine_busy_seconds(),
-        tree_cpu_seconds([server_pid]),
-        tree_cpu_seconds([nginx_pid]),
-        own_cpu_seconds(),
-    )
-    yield
-    into.seconds = time.monotonic() - began
-    into.server = tree_cpu_seconds([server_pid]) - server
-    into.nginx = tree_cpu_seconds([nginx_pid]) - nginx
-    into.client = own_cpu_seconds() - own
-    into.other = max(0.0, machine_busy_seconds() - busy - into.server - into.nginx - into.client)
-
-
-DISTURBED_SHARE = 0.10
-
-
-def check_disturbed(label: str, cpu: CpuUse, notes: list[str]) -> None:
-    """Say so when other processes took a noticeable share of the machine during a figure."""
-    share = cpu.other_share(CPUS)
-    if share > DISTURBED_SHARE:
-        notes.append(
-            f"**warning**: other processes used {share:.0%} of the machine during {label}; this figure understates"
-            " what the server does on a machine of its own"
-        )
 
 
 # --- wrk ----------------------------------------------------------------------------------------------------------
@@ -311,7 +145,7 @@ def run_wrk(
     shown = " ".join(a if a != str(script) else script.name for a in args)
     log(f"running: {shown}")
     cpu = CpuUse()
-    with cpu_meter(*pids, cpu):
+    with cpu_meter(cpu, *pids):
         done = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 120, check=False)
     match = re.search(r"^NFBENCH (.*)$", done.stdout, re.M)
     if done.returncode != 0 or match is None:
@@ -539,7 +373,7 @@ def bench_list(server: Server, count: int, runs: int, pids: tuple[int, int], not
     times: list[float] = []
     size = 0
     cpu = CpuUse()
-    with cpu_meter(*pids, cpu):
+    with cpu_meter(cpu, *pids):
         for _ in range(runs):
             began = time.perf_counter()
             status, headers, body = http("GET", server.url + "/api/v1/nodes", server.token)
@@ -567,7 +401,7 @@ def bench_list(server: Server, count: int, runs: int, pids: tuple[int, int], not
 def bench_bulk(server: Server, macs: list[str], pids: tuple[int, int], notes: list[str]) -> list[Row]:
     body = {"action": "install", "macs": macs}
     cpu = CpuUse()
-    with cpu_meter(*pids, cpu):
+    with cpu_meter(cpu, *pids):
         began = time.perf_counter()
         status, _, answer = http("POST", server.url + "/api/v1/nodes/bulk", server.token, body)
         elapsed = (time.perf_counter() - began) * 1000
@@ -670,9 +504,7 @@ def bench_initrd(
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| figure | measured | target | result |", "|---|---|---|---|"]
-    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown_table(["figure", "measured", "target", "result"], [row.cells() for row in rows])
 
 
 @contextmanager

@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -36,6 +35,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import yaml
+from common import CPUS, DISTURBED_SHARE, free_port, log, machine_busy_seconds, markdown_table, stamp, tree_cpu_seconds
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -54,50 +54,7 @@ SOURCE = {
 }
 
 
-def log(message: str) -> None:
-    print(f"[inventory_bench] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def stamp(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
 # --- CPU accounting: how much of the machine other processes took ---------------------------------------------
-
-
-def machine_busy() -> float:
-    """Busy CPU seconds of the whole machine since boot (all CPUs)."""
-    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu(roots: list[int]) -> float:
-    """CPU seconds of the live processes under ``roots`` (servers: arbiter, workers, broker)."""
-    parents, cpu = {}, {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(entry.name)] = int(stat[1])
-        cpu[int(entry.name)] = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
-    found, todo = set(), list(roots)
-    while todo:
-        pid = todo.pop()
-        if pid in found:
-            continue
-        found.add(pid)
-        todo.extend(child for child, parent in parents.items() if parent == pid)
-    return sum(cpu.get(pid, 0.0) for pid in found)
 
 
 def children_cpu() -> float:
@@ -114,7 +71,7 @@ class Load:
     ours: float = 0.0
 
     def other_share(self) -> float:
-        return max(0.0, self.busy - self.ours) / (self.wall * (os.cpu_count() or 1)) if self.wall else 0.0
+        return max(0.0, self.busy - self.ours) / (self.wall * CPUS) if self.wall else 0.0
 
 
 class Meter:
@@ -123,15 +80,15 @@ class Meter:
         self.load = Load()
 
     def __enter__(self) -> Meter:
-        self._start = (time.monotonic(), machine_busy(), children_cpu(), tree_cpu(self.server_pids))
+        self._start = (time.monotonic(), machine_busy_seconds(), children_cpu(), tree_cpu_seconds(self.server_pids))
         return self
 
     def __exit__(self, *exc: object) -> None:
         wall, busy, children, servers = self._start
         self.load.wall += time.monotonic() - wall
-        self.load.busy += machine_busy() - busy
+        self.load.busy += machine_busy_seconds() - busy
         # Ours: the Ansible processes (children) and the server; this script's own idle waiting is negligible.
-        self.load.ours += (children_cpu() - children) + (tree_cpu(self.server_pids) - servers)
+        self.load.ours += (children_cpu() - children) + (tree_cpu_seconds(self.server_pids) - servers)
 
 
 # --- the server ---------------------------------------------------------------------------------------------------
@@ -415,16 +372,14 @@ def main() -> int:
         workdir = Path(temp)
         rows, inventory_load, plugin_times, static_times = bench_inventory(workdir, options.nodes, options.runs)
         install_rows, install_load = bench_install(workdir, options.install_nodes)
-    print("| figure | measured | target | result |")
-    print("|---|---|---|---|")
-    for row in rows + install_rows:
-        print(f"| {row.figure} | {row.measured} | {row.target} | {row.result} |")
+    head = ["figure", "measured", "target", "result"]
+    print(markdown_table(head, [[row.figure, row.measured, row.target, row.result] for row in rows + install_rows]))
     print()
     print(f"- plugin runs (s): {', '.join(f'{value:.2f}' for value in plugin_times)}")
     print(f"- static runs (s): {', '.join(f'{value:.2f}' for value in static_times)}")
     for name, load in (("inventory runs", inventory_load), ("install run", install_load)):
         share = load.other_share()
-        warning = " — WARNING: other processes loaded the machine" if share > 0.10 else ""
+        warning = " — WARNING: other processes loaded the machine" if share > DISTURBED_SHARE else ""
         print(f"- {name}: other processes took {share:.0%} of the machine's CPU{warning}")
     print(f"- machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, load average {os.getloadavg()}")
     return 0 if all(row.result != "FAIL" for row in rows + install_rows) else 1

@@ -60,7 +60,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from http_bench import (
+from common import (
     CPUS,
     DISTURBED_SHARE,
     cpu_model,
@@ -69,6 +69,7 @@ from http_bench import (
     log,
     mac_for,
     machine_busy_seconds,
+    markdown_table,
     stamp,
     stop_process,
     tree_cpu_seconds,
@@ -706,7 +707,7 @@ def verdict(outcome: Outcome) -> str:
 def table(results: list[tuple[Setup, list[Outcome]]]) -> str:
     head = ["setup", "phase", "QoS", "messages", "published msg/s", "applied msg/s", "loss", "drain lag",
             "mosquitto_sub msg/s", "server / mosquitto_sub", "≥ 10,000 msg/s, no loss"]  # fmt: skip
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for setup, outcomes in results:
         for o in outcomes:
             ratio = f"{o.applied_rate / o.sub_rate:.0%}" if o.sub_rate else "—"
@@ -714,8 +715,8 @@ def table(results: list[tuple[Setup, list[Outcome]]]) -> str:
             sub = f"{o.sub_rate:,.0f}" + ("" if o.sub_count == o.published else f" (got {o.sub_count:,})")
             cells = [setup.name, phase, str(o.phase.qos), f"{o.published:,}", f"{o.publish_rate:,.0f}",
                      f"{o.applied_rate:,.0f}", f"{o.loss:,}", f"{o.lag:.1f} s", sub, ratio, verdict(o)]  # fmt: skip
-            rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+            rows.append(cells)
+    return markdown_table(head, rows)
 
 
 def details(setup: Setup, outcomes: list[Outcome]) -> list[str]:

@@ -16,22 +16,14 @@ description:
     of executables in the agent's allow-list directory); the server refuses others before sending anything.
   - In check mode nothing is sent; the module reports that the command would run.
 version_added: 0.1.0
-author:
-  - NodeFoundry contributors (!UNKNOWN)
 extends_documentation_fragment:
   - nodefoundry.provision.connection
-  - ansible.builtin.action_common_attributes
-  - ansible.builtin.action_common_attributes.actiongroups
+  - nodefoundry.provision.attributes
 attributes:
   check_mode:
     support: full
   diff_mode:
     support: none
-  platform:
-    platforms: all
-  action_group:
-    support: full
-    membership: [nodefoundry.provision.nodefoundry]
 options:
   macs:
     description: MAC addresses of the nodes.

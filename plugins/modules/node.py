@@ -15,22 +15,14 @@ description:
     failed) node is never touched again unless O(reinstall=true); a node that is C(installing) is left alone.
   - Check mode changes nothing on the server and reports what would change; diff mode shows the fields.
 version_added: 0.1.0
-author:
-  - NodeFoundry contributors (!UNKNOWN)
 extends_documentation_fragment:
   - nodefoundry.provision.connection
-  - ansible.builtin.action_common_attributes
-  - ansible.builtin.action_common_attributes.actiongroups
+  - nodefoundry.provision.attributes
 attributes:
   check_mode:
     support: full
   diff_mode:
     support: full
-  platform:
-    platforms: all
-  action_group:
-    support: full
-    membership: [nodefoundry.provision.nodefoundry]
 options:
   mac:
     description: MAC address of the node (C(aa:bb:cc:dd:ee:ff), C(aa-bb-...) or 12 hex digits).

@@ -13,22 +13,10 @@ description:
   - Returns one node, a list of nodes, or the nodes with given statuses and labels.
   - Statuses are filtered by the server in one request; labels are matched on the returned nodes.
 version_added: 0.1.0
-author:
-  - NodeFoundry contributors (!UNKNOWN)
 extends_documentation_fragment:
   - nodefoundry.provision.connection
-  - ansible.builtin.action_common_attributes
-  - ansible.builtin.action_common_attributes.actiongroups
-attributes:
-  check_mode:
-    support: full
-  diff_mode:
-    support: none
-  platform:
-    platforms: all
-  action_group:
-    support: full
-    membership: [nodefoundry.provision.nodefoundry]
+  - nodefoundry.provision.attributes
+  - nodefoundry.provision.attributes.info_module
 options:
   mac:
     description: Only this node. A MAC the server does not know returns an empty list (not an error).

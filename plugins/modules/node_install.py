@@ -18,22 +18,14 @@ description:
     O(wait=true) when an install failed or did not end in time.
   - Check mode asks the server for a dry run, which gives the same per-node answers and changes nothing.
 version_added: 0.1.0
-author:
-  - NodeFoundry contributors (!UNKNOWN)
 extends_documentation_fragment:
   - nodefoundry.provision.connection
-  - ansible.builtin.action_common_attributes
-  - ansible.builtin.action_common_attributes.actiongroups
+  - nodefoundry.provision.attributes
 attributes:
   check_mode:
     support: full
   diff_mode:
     support: none
-  platform:
-    platforms: all
-  action_group:
-    support: full
-    membership: [nodefoundry.provision.nodefoundry]
 options:
   macs:
     description: MAC addresses of the nodes.

@@ -169,12 +169,3 @@ def expire_overdue(store: Store) -> int:
             )
             _event(conn, row, new, "system", when, deadline=row["deadline"])
     return len(rows)
-
-
-def states(values: Iterable[str]) -> list[str]:
-    """Validate a state filter (ValueError names the bad one)."""
-    chosen = [value for value in values if value]
-    bad = [value for value in chosen if value not in STATES]
-    if bad:
-        raise ValueError(f"invalid state filter {bad[0]!r}: one of {', '.join(STATES)}")
-    return chosen

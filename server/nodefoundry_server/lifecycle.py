@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .store import STATUSES, Store, add_event, now, stamp
+from .store import Store, add_event, now, stamp
 
 INSTALL_FROM = {"install": ("discovered",), "reinstall": ("installed", "failed")}
 
@@ -320,12 +320,3 @@ def pin_install_ip(store: Store, mac: str, ip: str) -> str:
         )
         row = conn.execute("SELECT install_ip FROM nodes WHERE mac = ?", (mac,)).fetchone()
     return row["install_ip"] if row else ip
-
-
-def statuses(values: Iterable[str]) -> list[str]:
-    """Validate a status filter."""
-    chosen = [value for value in values if value]
-    bad = [value for value in chosen if value not in STATUSES]
-    if bad:
-        raise LifecycleError(f"invalid status filter {bad[0]!r}: one of {', '.join(STATUSES)}")
-    return chosen

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 MAC_INVALID = "invalid MAC address format"
 
@@ -207,3 +207,12 @@ def host_port(value: object, what: str, default_port: int) -> tuple[str, int]:
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise InvalidValue(f"invalid {what}: bad port {port_text!r}")
     return host, int(port_text)
+
+
+def query_filter(values: Iterable[str], allowed: Sequence[str], what: str) -> list[str]:
+    """The choices of a query filter (repeated and/or comma-separated), each one of ``allowed``."""
+    chosen = [value for value in ",".join(values).split(",") if value]
+    bad = [value for value in chosen if value not in allowed]
+    if bad:
+        raise InvalidValue(f"invalid {what} filter {bad[0]!r}: one of {', '.join(allowed)}")
+    return chosen

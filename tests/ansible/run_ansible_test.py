@@ -42,13 +42,15 @@ SANITY_EXCLUDES = (
     "tests/integration/",
     "tests/e2e/",
     "tests/ansible/",
+    "tests/roles/",
     r"tests/[^/]+\.py",
     r"tests/unit/test_[^/]+\.py",
+    r"tests/unit/conftest\.py",
 )
 UNIT_TARGETS = ("tests/unit/plugins/",)
-# pytest loads every conftest.py between the collection root and the tests: the repository suite's own one
-# (requests, network namespaces) has no business in ansible-test's unit environment.
-UNIT_LEAVE_OUT = ("tests/conftest.py",)
+# pytest loads every conftest.py between the collection root and the tests: the repository suite's own ones
+# (requests, network namespaces, the server's store) have no business in ansible-test's unit environment.
+UNIT_LEAVE_OUT = ("tests/conftest.py", "tests/unit/conftest.py")
 
 BOOTSTRAP = '''"""Stand-in for get-pip.py {version} (written by NodeFoundry's tests/ansible/run_ansible_test.py).
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ansible.run_ansible_test import lay_out
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 GALAXY = BIN / "ansible-galaxy"
@@ -63,32 +65,12 @@ def _galaxy_env(tmp_path: Path) -> dict[str, str]:
     }
 
 
-def _copy_source_tree(destination: Path) -> list[str]:
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    copied = []
-    for relative in sorted({name for name in listed.split("\0") if name}):
-        source = REPO / relative
-        if not source.is_file():  # deleted in the working tree but still in the index
-            continue
-        target = destination / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, target)
-        copied.append(relative)
-    return copied
-
-
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert shutil.which("git") and (REPO / ".git").exists(), "this test builds from a git checkout of the repository"
     work = tmp_path_factory.mktemp("collection")
-    source = work / "src"
-    copied = _copy_source_tree(source)
-    assert "galaxy.yml" in copied, "galaxy.yml is missing from the repository"
+    source = lay_out(work / "src")
+    assert (source / "galaxy.yml").is_file(), "galaxy.yml is missing from the repository"
     for relative in DECOYS:
         decoy = source / relative
         decoy.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,17 +17,9 @@ from nodefoundry_server import commands, lifecycle
 from nodefoundry_server.mqtt.ingest import Counters, Ingest, Item
 from nodefoundry_server.mqtt.liveness import Watchdog
 from nodefoundry_server.store import Store
+from tests.unit.conftest import MAC, OTHER
 
-MAC, OTHER, STRANGER = "aabbccddee01", "aabbccddee02", "aabbccddeeff"
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    store = Store(tmp_path / "nodes.db")
-    store.open()
-    for mac in (MAC, OTHER):
-        lifecycle.register(store, mac, {}, source="api")
-    return store
+STRANGER = "aabbccddeeff"
 
 
 def make_ingest(store: Store, register_unknown: bool = False) -> Ingest:

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from nodefoundry_server import commands, lifecycle
+from nodefoundry_server import commands, validate
 from nodefoundry_server.store import Store, now
+from nodefoundry_server.validate import InvalidValue
+from tests.unit.conftest import MAC, OTHER
 
-MAC, OTHER = "aabbccddee01", "aabbccddee02"
 PAST = "2020-01-01T00:00:00.000Z"
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    store = Store(tmp_path / "nodes.db")
-    store.open()
-    for mac in (MAC, OTHER):
-        lifecycle.register(store, mac, {}, source="api")
-    return store
 
 
 def queue(store: Store, mac: str = MAC, timeout: int = 60) -> str:
@@ -106,5 +96,5 @@ def test_listing_is_newest_first_and_filters_by_state(store: Store) -> None:
     assert [c["id"] for c in found] == [third, second, first] and total == 3
     found, total = commands.list_for_node(store, MAC, ["queued"], limit=1, offset=1)
     assert [c["id"] for c in found] == [first] and total == 2
-    with pytest.raises(ValueError, match="invalid state filter 'done'"):
-        commands.states(["queued", "done"])
+    with pytest.raises(InvalidValue, match="invalid state filter 'done'"):
+        validate.query_filter(["queued,done"], commands.STATES, "state")

@@ -55,8 +55,8 @@ def create_command(mac: str) -> tuple[Response, int, dict[str, str]]:
 def list_node_commands(mac: str) -> Response:
     mac = path_mac(mac)
     try:
-        wanted = commands.states(",".join(request.args.getlist("state")).split(","))
-    except ValueError as exc:
+        wanted = validate.query_filter(request.args.getlist("state"), commands.STATES, "state")
+    except InvalidValue as exc:
         raise ApiError(400, str(exc)) from None
     limit = int_arg("limit", 100, 1, 1000) or 100
     offset = int_arg("offset", 0, 0, 10**9) or 0

@@ -8,6 +8,7 @@ from flask import Blueprint, Response, jsonify, request, url_for
 
 from .. import lifecycle, nodes, validate
 from ..lifecycle import LifecycleError, NodeExists, NodeNotFound
+from ..store import STATUSES
 from ..validate import InvalidValue
 from .common import ApiError, actor, authenticate, challenge, config, int_arg, json_body, no_content, path_mac, store
 from .openapi import document as openapi_document
@@ -25,8 +26,8 @@ blueprint.after_request(challenge)
 @blueprint.get("/nodes")
 def list_nodes() -> Response:
     try:
-        wanted = lifecycle.statuses(",".join(request.args.getlist("status")).split(","))
-    except LifecycleError as exc:
+        wanted = validate.query_filter(request.args.getlist("status"), STATUSES, "status")
+    except InvalidValue as exc:
         raise ApiError(400, str(exc)) from None
     limit = int_arg("limit", None, 1, 100000)
     offset = int_arg("offset", 0, 0, 10**9) or 0
