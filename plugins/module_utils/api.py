@@ -131,6 +131,10 @@ class Client:
         body = {"action": action, "macs": list(macs), "dry_run": dry_run}
         return self.request("POST", "/api/v1/nodes/bulk", body=body)[1]
 
+    def issue_credentials(self, mac):
+        """A fresh broker password for the node and the agent's env file (a new one on every call)."""
+        return self.request("POST", "/api/v1/nodes/" + quote(mac) + "/credentials", expect=(200, 201))[1]
+
     # -- commands -----------------------------------------------------------------------------------------
 
     def send_commands(self, macs, command, args=None, timeout=None):

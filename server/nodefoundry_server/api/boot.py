@@ -34,7 +34,7 @@ def _text(body: str) -> Response:
     return Response(body, mimetype="text/plain")
 
 
-def _urls() -> Urls:
+def request_urls() -> Urls:
     """Base URL for generated links: NF_SERVER_ADDR, else the Host the node used."""
     host = config().server_addr or request.headers.get("Host", "")  # as sent: werkzeug's request.host rewrites it
     try:
@@ -50,7 +50,7 @@ def _node_script(mac: str) -> str | None:
     node = store().get_node(mac)
     if node is None:
         return None
-    cfg, urls = config(), _urls()
+    cfg, urls = config(), request_urls()
     if node["status"] == "installed":
         return boot.installed_script(mac)
     if node["status"] != "installing":
@@ -92,13 +92,13 @@ def entry_script() -> Response:
     """Without ``mac``: a script that asks again with iPXE's own MAC; with it, the node's script."""
     raw = request.args.get("mac")
     if raw is None:
-        return _text(boot.entry_script(_urls()))
+        return _text(boot.entry_script(request_urls()))
     mac = path_mac(raw)
     if config().auto_register:
         lifecycle.register_if_new(store(), mac, _boot_facts(), source="boot")
     script = _node_script(mac)
     if script is None:
-        poll_url = f"{_urls().entry()}?mac={mac}"
+        poll_url = f"{request_urls().entry()}?mac={mac}"
         script = boot.wait_script(poll_url, mac, config().boot_poll_interval, "unregistered")
     return _text(script)
 
@@ -144,7 +144,7 @@ def preseed(mac: str) -> Response:
         check_network(node)
     except InvalidValue as exc:
         raise ApiError(400, str(exc)) from None
-    urls = _urls()  # a refused request must not count as installer progress
+    urls = request_urls()  # a refused request must not count as installer progress
     try:
         lifecycle.installer_report(store(), mac, "progress", phase="preseed-fetched", detail=None)
     except lifecycle.TransitionRefused as exc:
@@ -208,9 +208,9 @@ def agent_file(name: str) -> Response:
 
 
 def _grub_urls() -> Urls:
-    """``_urls``, but a Host header without a port gets the port this request came in on: Debian's
+    """``request_urls``, but a Host header without a port gets the port this request came in on: Debian's
     GRUB 2.06 loses the port of ``(http,host:port)`` from its Host header, and UEFI HTTP boot omits it."""
-    urls = _urls()
+    urls = request_urls()
     host = request.headers.get("Host", "")
     port = request.environ.get("SERVER_PORT", "")
     if config().server_addr or host.rpartition(":")[2].isdigit() or not port.isdigit():

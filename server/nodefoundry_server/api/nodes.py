@@ -6,10 +6,12 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, url_for
 
-from .. import lifecycle, nodes, validate
-from ..lifecycle import LifecycleError, NodeExists, NodeNotFound
+from .. import boot, lifecycle, nodes, validate
+from ..lifecycle import LifecycleError, NodeExists, NodeNotFound, TransitionRefused
+from ..mqtt import credentials
 from ..store import STATUSES
 from ..validate import InvalidValue
+from .boot import request_urls
 from .common import ApiError, actor, authenticate, challenge, config, int_arg, json_body, no_content, path_mac, store
 from .openapi import document as openapi_document
 
@@ -17,6 +19,7 @@ blueprint = Blueprint("nodes", __name__, url_prefix="/api/v1")
 
 MAX_BULK = 10000
 ACTIONS = ("install", "reinstall")
+NO_STORE = {"Cache-Control": "no-store"}  # answers that carry a secret
 
 
 blueprint.before_request(authenticate)
@@ -144,6 +147,33 @@ def node_events(mac: str) -> Response:
     if store().get_node_row(mac) is None and not store().has_events(mac):
         raise ApiError(404, "node not found")
     return jsonify(store().node_events(mac, limit, after))
+
+
+@blueprint.post("/nodes/<mac>/credentials")
+def issue_credentials(mac: str) -> tuple[Response, int, dict[str, str]]:
+    """The agent's env file for a node set up without the installer, with a freshly minted broker password
+    when the server maintains the broker's accounts (201); otherwise the same env without one (200)."""
+    mac = path_mac(mac)
+    cfg, urls = config(), request_urls()
+    if not credentials.delivers_node_credentials(cfg):
+        if store().get_node_row(mac) is None:
+            raise ApiError(404, "node not found")
+        body = {"mac": mac, "credentials_delivered": False, "agent_env": boot.agent_env(cfg, mac, urls)}
+        return jsonify(body), 200, NO_STORE
+    try:
+        password = credentials.issue(store(), mac, source="api", actor=actor())
+    except NodeNotFound as exc:
+        raise ApiError(404, str(exc)) from None
+    except TransitionRefused as exc:
+        raise ApiError(409, str(exc)) from None
+    body = {
+        "mac": mac,
+        "credentials_delivered": True,
+        "username": credentials.node_username(mac),
+        "password": password,
+        "agent_env": boot.agent_env(cfg, mac, urls, password),
+    }
+    return jsonify(body), 201, NO_STORE
 
 
 @blueprint.get("/openapi.json")

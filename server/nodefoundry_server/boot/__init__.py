@@ -219,6 +219,20 @@ def grub_installing_script(
     )
 
 
+def agent_env(config: Config, mac: str, urls: Urls, mqtt_password: str | None = None) -> dict[str, str]:
+    """The agent's /etc/default/nodefoundry-agent, one source for the preseed and the credentials API (the
+    agent role): the broker host is the server's as the node reaches it, unless ``mqtt_node_broker`` says."""
+    env = {
+        "NF_MAC": mac,
+        "NF_MQTT_BROKER": node_broker(config, urls.base.split("://", 1)[1].rsplit(":", 1)[0]),
+        "NF_LOG_LEVEL": config.log_level,
+        "NF_HEARTBEAT_INTERVAL": str(config.agent_heartbeat_interval),
+    }
+    if mqtt_password is not None:
+        env.update(NF_MQTT_USERNAME=node_username(mac), NF_MQTT_PASSWORD=mqtt_password)
+    return env
+
+
 def preseed(config: Config, node: Mapping[str, Any], urls: Urls, token: str, mqtt_password: str | None = None) -> str:
     """The per-install preseed. ``mqtt_password`` (per-node broker credentials) goes only into the agent's
     0600 env file, and only here: this file is served solely against the install token."""
@@ -227,14 +241,6 @@ def preseed(config: Config, node: Mapping[str, Any], urls: Urls, token: str, mqt
     static = bool(node.get("ip") and node.get("netmask"))
     packages = list(dict.fromkeys([*BASE_PACKAGES, *settings["extra_packages"]]))
     mirror_host = config.mirror_url
-    agent_env = {
-        "NF_MAC": mac,
-        "NF_MQTT_BROKER": node_broker(config, urls.base.split("://", 1)[1].rsplit(":", 1)[0]),
-        "NF_LOG_LEVEL": config.log_level,
-        "NF_HEARTBEAT_INTERVAL": str(config.agent_heartbeat_interval),
-    }
-    if mqtt_password is not None:
-        agent_env.update(NF_MQTT_USERNAME=node_username(mac), NF_MQTT_PASSWORD=mqtt_password)
     return _render(
         "preseed.cfg.j2",
         mac=mac,
@@ -262,7 +268,7 @@ def preseed(config: Config, node: Mapping[str, Any], urls: Urls, token: str, mqt
         failed_url=urls.installer(mac, "failed", token),
         agent_url=urls.agent("nodefoundry-agent"),
         agent_unit_url=urls.agent("nodefoundry-agent.service"),
-        agent_env=agent_env,
+        agent_env=agent_env(config, mac, urls, mqtt_password),
     )
 
 

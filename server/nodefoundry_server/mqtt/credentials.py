@@ -31,7 +31,8 @@ import jinja2
 from nodefoundry_agent import protocol
 
 from ..config import Config, ConfigError
-from ..store import Store, now
+from ..lifecycle import NodeNotFound, TransitionRefused
+from ..store import Store, add_event, now
 
 log = logging.getLogger("nodefoundry.mqtt")
 
@@ -41,6 +42,7 @@ BROKER_USER = "mosquitto"  # the user Debian's Mosquitto runs as
 # and would cost the broker CPU on every connect.
 HASH_ITERATIONS = 101
 SALT_BYTES = 12
+ISSUED_PASSWORD_BYTES = 32  # the API's passwords: random, as strong as the derived ones (64 hex digits)
 FILE_MODE = 0o640
 
 _ROOT = protocol.TOPIC_ROOT
@@ -113,6 +115,22 @@ def mint_in(conn: sqlite3.Connection, mac: str, password: str) -> None:
         " password_hash = excluded.password_hash, created_at = excluded.created_at",
         (mac, node_username(mac), password_hash(password), now()),
     )
+
+
+def issue(store: Store, mac: str, *, source: str, actor: str | None) -> str:
+    """A fresh random password for a node set up without the installer (the agent role): only its hash is
+    stored, the previous one stops working at the next sync. Refused while the node installs, because
+    the preseed derives that install's password from the nonce and would hand the new system a dead one."""
+    password = secrets.token_hex(ISSUED_PASSWORD_BYTES)
+    with store.write() as conn:
+        row = conn.execute("SELECT status FROM nodes WHERE mac = ?", (mac,)).fetchone()
+        if row is None:
+            raise NodeNotFound()
+        if row["status"] == "installing":
+            raise TransitionRefused("node is installing: the installer delivers its credentials")
+        mint_in(conn, mac, password)
+        add_event(conn, mac, source, "credentials-issued", detail={"username": node_username(mac)}, actor=actor)
+    return password
 
 
 def acl_text(server_user: str) -> str:
