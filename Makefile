@@ -9,10 +9,11 @@ DEB_PACKAGES := python3-venv python3-dev gcc debconf dash busybox sqlite3 curl \
 	debian-installer-12-netboot-amd64 debian-installer-12-netboot-arm64 ipxe \
 	mosquitto mosquitto-clients udhcpc isc-dhcp-client qemu-system-x86 ipxe-qemu ovmf \
 	wrk nginx-light psmisc iproute2 dnsmasq-base \
-	isc-dhcp-relay tftp-hpa python3-paho-mqtt
+	isc-dhcp-relay tftp-hpa python3-paho-mqtt \
+	mmdebstrap systemd-container openssh-client
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup run test lint format bench bench-dhcp bench-mqtt bench-inventory collection clean sanity ansible-units collection-tests
+.PHONY: setup run test test-roles lint format bench bench-dhcp bench-mqtt bench-inventory collection clean sanity ansible-units collection-tests
 
 setup: debian-packages $(STAMP)
 
@@ -55,8 +56,17 @@ ansible-units: setup
 collection-tests: sanity ansible-units
 	$(BIN)/pytest tests/ansible tests/unit/plugins
 
+# Two workers (the machines have two cores; most tests wait on servers, firmware or machines they
+# boot), each taking whole test files so module-scoped servers are started once.
+TEST_WORKERS ?= 2
+
 test: lint sanity ansible-units
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
+
+# Role tests: every Molecule scenario in extensions/molecule/ on Debian 12 machines booted by
+# systemd-nspawn in a network namespace (tests/roles/README.md). Needs root.
+test-roles: setup
+	$(BIN)/pytest tests/roles
 
 bench: setup
 	$(BIN)/python bench/http_bench.py
