@@ -1,4 +1,4 @@
-"""Command line: ``nodefoundry-server run | token ... | assets import | db check | version``."""
+"""Command line: ``nodefoundry-server run | token ... | assets import | db check | config check | version``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from . import config as config_module
 from .assets import AssetError, import_assets
 from .boot import DEBIAN_ARCHES
 from .config import Config, ConfigError
+from .mqtt.credentials import external_auth_files
 from .store import Store
 
 
@@ -37,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
 
     db = commands.add_parser("db", help="database").add_subparsers(dest="db_command", required=True)
     db.add_parser("check", help="migrate if needed and run SQLite's integrity check")
+
+    cfg = commands.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)
+    cfg.add_parser("check", help="validate the configuration without touching the database or the network")
     return parser
 
 
@@ -77,6 +81,13 @@ def _db_check(config: Config) -> int:
     return 0 if result == "ok" else 1
 
 
+def _config_check(config: Config) -> int:
+    """What ``run`` checks in the settings alone, so a deployment tool can refuse a file before it lands."""
+    external_auth_files(config, Store(config.db_path))  # half-set broker files, missing username; opens nothing
+    print(f"{config.source}: ok")
+    return 0
+
+
 def _fail(message: str) -> int:
     print(f"nodefoundry-server: {message}", file=sys.stderr)
     return 2
@@ -97,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token(args, config)
         if args.command == "assets":
             return _assets(args, config)
+        if args.command == "config":
+            return _config_check(config)
         return _db_check(config)
     except ConfigError as exc:
         return _fail(str(exc))
