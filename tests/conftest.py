@@ -9,32 +9,19 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import requests
 
 from tests.netns import PortForward
-
-T = TypeVar("T")
+from tests.polling import wait_for as wait_for  # imported from here by many tests
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER_BIN = Path(sys.executable).parent / "nodefoundry-server"
 ADMIN_TOKEN = "nf_test-admin-token"
-
-
-def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
-    """Poll until ``predicate`` returns something truthy; bounded, never a fixed sleep."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def free_port() -> int:

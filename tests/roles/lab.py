@@ -30,7 +30,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from tests import netns
+from tests.polling import wait_for
 from tests.roles import rootfs, wheelhouse
 
 T = TypeVar("T")
@@ -70,14 +70,8 @@ def _alive(pid: int, start: str | None = None) -> bool:
 
 
 def _wait(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.5) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
+    """Bounded polling; TimeoutError, which the boot and stop paths catch to add what they know."""
+    return wait_for(predicate, timeout, what, interval, error=TimeoutError)
 
 
 def _mounted(path: Path) -> bool:
