@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,10 +25,27 @@ SERVER_BIN = Path(sys.executable).parent / "nodefoundry-server"
 ADMIN_TOKEN = "nf_test-admin-token"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_TEST_PORT = 10000
+
+
+def free_port(attempts: int = 1000) -> int:
+    """A free loopback TCP port below the kernel's ephemeral range.
+
+    The kernel hands ports of that range to every outgoing connection as its source port, so a service
+    stopped and started again on a port from it (a broker restart) can find it taken meanwhile by some
+    client's connection — more likely with several test workers. Below the range only another bind can.
+    """
+    ephemeral_low = int(EPHEMERAL_RANGE.read_text().split()[0])
+    for _ in range(attempts):
+        port = random.randrange(LOWEST_TEST_PORT, ephemeral_low)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {LOWEST_TEST_PORT}-{ephemeral_low - 1} after {attempts} attempts")
 
 
 class _OneShotSession(requests.Session):
