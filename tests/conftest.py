@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -46,6 +47,12 @@ def free_port(attempts: int = 1000) -> int:
                 continue
             return port
     raise RuntimeError(f"no free port in {LOWEST_TEST_PORT}-{ephemeral_low - 1} after {attempts} attempts")
+
+
+def install_token_in(script: str) -> str | None:
+    """The install token a boot script carries to the preseed; None for a script without one (a wait loop)."""
+    found = re.search(r"preseed\.cfg\?token=([0-9a-f]+)", script)
+    return found.group(1) if found else None
 
 
 class _OneShotSession(requests.Session):
@@ -158,6 +165,13 @@ class Server:
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:
         return self.session.get(self.url + path, timeout=30, **kwargs)
+
+    def install_token(self, mac: str) -> str:
+        """The install token in the node's iPXE script, fetched as the node would (from 127.0.0.1)."""
+        script = self.get(f"/boot/{mac}/boot.ipxe").text
+        token = install_token_in(script)
+        assert token, script
+        return token
 
 
 @pytest.fixture

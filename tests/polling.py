@@ -15,13 +15,18 @@ def wait_for(
     what: str,
     interval: float = 0.2,
     error: type[Exception] = AssertionError,
+    details: Callable[[], str] | None = None,
 ) -> T:
-    """Poll until ``predicate`` returns something truthy and return it; ``error`` names ``what`` on timeout."""
+    """Poll until ``predicate`` returns something truthy and return it.
+
+    On timeout ``error`` names ``what``, followed by ``details()`` (logs, state) when given.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise error(f"timed out after {timeout:.0f} s waiting for {what}")
+            message = f"timed out after {timeout:.0f} s waiting for {what}"
+            raise error(f"{message}\n{details()}" if details else message)
         time.sleep(interval)

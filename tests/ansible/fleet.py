@@ -9,28 +9,13 @@ by the agent's protocol module. Nothing is written to the database behind the se
 from __future__ import annotations
 
 import re
-import time
 import uuid
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
 from nodefoundry_agent import protocol
-
-T = TypeVar("T")
-
-
-def wait_for(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    """Poll until ``predicate`` returns something truthy; bounded."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.1)
+from tests.polling import wait_for
 
 
 def ok(response: Any, *statuses: int) -> Any:
@@ -48,14 +33,6 @@ def register(server: Any, mac: str, **fields: Any) -> dict[str, Any]:
 
 def start_install(server: Any, mac: str) -> dict[str, Any]:
     return ok(server.api("PUT", f"/api/v1/nodes/{mac}", json={"action": "install"}))
-
-
-def install_token(server: Any, mac: str) -> str:
-    """The token iPXE would carry into the installer (the first fetch pins the install to 127.0.0.1)."""
-    script = server.get(f"/boot/{mac}/boot.ipxe").text
-    found = re.search(r"/preseed/[0-9a-f]{12}/preseed\.cfg\?token=([0-9a-f]+)", script)
-    assert found, script
-    return found.group(1)
 
 
 def mqtt_credentials(server: Any, mac: str, token: str) -> tuple[str, str]:
@@ -80,7 +57,7 @@ def installing(server: Any, mac: str, **fields: Any) -> None:
 def installed(server: Any, mac: str, **fields: Any) -> tuple[str, str]:
     """Install to the end; the agent's broker credentials of the installed node."""
     installing(server, mac, **fields)
-    token = install_token(server, mac)
+    token = server.install_token(mac)
     credentials = mqtt_credentials(server, mac, token)
     end_install(server, mac, token, "finished")
     return credentials
@@ -88,7 +65,7 @@ def installed(server: Any, mac: str, **fields: Any) -> tuple[str, str]:
 
 def failed(server: Any, mac: str, **fields: Any) -> None:
     installing(server, mac, **fields)
-    end_install(server, mac, install_token(server, mac), "failed")
+    end_install(server, mac, server.install_token(mac), "failed")
 
 
 def broker_port(server: Any) -> int:

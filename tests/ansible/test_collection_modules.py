@@ -99,7 +99,7 @@ def test_node_install_then_reinstall_only_when_asked(lab: Lab) -> None:
     assert '-    "status": "discovered"' in diff and '+    "status": "installing"' in diff
     unchanged_on_second_run(lab, "node", install, MAC)  # installing: left alone
 
-    token = fleet.install_token(lab.server, MAC)
+    token = lab.server.install_token(MAC)
     fleet.end_install(lab.server, MAC, token, "finished")
     unchanged_on_second_run(lab, "node", install, MAC)  # installed: never touched without reinstall
 

@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.observe import Stages
+from tests.polling import wait_for
 
 SERVER_BIN = Path(sys.executable).parent / "nodefoundry-server"
 INSTALLER_DIR = Path("/usr/lib/debian-installer/images/12/amd64/text/debian-installer/amd64")
@@ -380,20 +381,18 @@ class Lab:
     def wait_until(
         self, predicate: Callable[[], Any], deadline: float, what: str, process: str | None = None, step: float = 0.25
     ) -> Any:
-        """Bounded polling: the predicate's first truthy value, or an assertion with the lab's logs."""
-        end = time.monotonic() + deadline
-        while True:
+        """The shared bounded poll, failing early if ``process`` exits; assertions carry the lab's logs."""
+
+        def checked() -> Any:
             value = predicate()
-            if value:
-                return value
-            if process and self.processes[process].poll() is not None:
+            if not value and process and self.processes[process].poll() is not None:
                 raise AssertionError(
                     f"{process} exited ({self.processes[process].returncode}) while waiting for "
                     f"{what}\n{self.diagnostics()}"
                 )
-            if time.monotonic() > end:
-                raise AssertionError(f"timed out after {deadline:.0f} s waiting for {what}\n{self.diagnostics()}")
-            time.sleep(step)
+            return value
+
+        return wait_for(checked, deadline, what, interval=step, details=self.diagnostics)
 
     def diagnostics(self, lines: int = 25) -> str:
         """The end of each log, without the test's own API polling, for assertion messages."""

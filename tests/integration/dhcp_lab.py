@@ -40,6 +40,7 @@ from typing import Any
 
 from tests.conftest import Server, fake_installer
 from tests.netns import Namespace, bridge, run_in, veth
+from tests.polling import wait_for
 
 SUBNET = "10.77.0"
 SERVER_IP = f"{SUBNET}.1"
@@ -116,15 +117,8 @@ def node_id(mac: str) -> str:
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, details: Callable[[], str] = str) -> Any:
-    """Bounded polling: the predicate's first truthy value, or an AssertionError naming ``what``."""
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{details()}")
-        time.sleep(0.1)
+    """The shared bounded poll; on timeout the AssertionError carries the lab's ``details()``."""
+    return wait_for(predicate, timeout, what, interval=0.1, details=details)
 
 
 # -- DHCP packets ---------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import yaml
 from nodefoundry_server import lifecycle
 from nodefoundry_server.store import Store
 from tests.debconf import debconf_load
+from tests.polling import wait_for
 
 MAC = "aabbccddee01"
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
@@ -222,16 +223,6 @@ def busybox_post(url: str) -> int:
         [BUSYBOX, "wget", "-q", "-O", "/dev/null", "--post-data", "", url], capture_output=True, timeout=60
     )
     return done.returncode
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def kinds(server: Any, mac: str = MAC) -> list[tuple[str, str | None]]:

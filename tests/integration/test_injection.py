@@ -27,7 +27,7 @@ import yaml
 
 from nodefoundry_server import config as config_module
 from nodefoundry_server.config import ConfigError
-from tests.conftest import Server, fake_installer
+from tests.conftest import Server, fake_installer, install_token_in
 
 PAYLOADS = [
     "\n",
@@ -231,10 +231,7 @@ def installing(shared: Any) -> tuple[str, str]:
     body = {"mac": mac, "ip": "10.0.0.5", "netmask": "24", "gateway": "10.0.0.1", "dns": ["1.1.1.1"]}
     assert shared.api("POST", "/api/v1/nodes", json=body).status_code == 201
     assert shared.api("PUT", f"/api/v1/nodes/{mac}", json={"action": "install"}).status_code == 200
-    script = shared.get(f"/boot/{mac}/boot.ipxe").text
-    token = re.search(r"preseed\.cfg\?token=([0-9a-f]+)", script)
-    assert token, script
-    return mac, token.group(1)
+    return mac, shared.install_token(mac)
 
 
 QUERY_BASE = {"ip": "10.0.0.9", "netmask": "255.255.255.0", "gateway": "10.0.0.1", "dns": "9.9.9.9"}
@@ -575,9 +572,9 @@ def render(server_factory: Any, tmp_path: Path, name: str, settings: dict[str, A
     assert server.api("PUT", f"/api/v1/nodes/{mac}", json={"action": "install"}).status_code == 200
     script = server.get(f"/boot/{mac}/boot.ipxe")
     assert script.status_code == 200, script.text
-    token = re.search(r"preseed\.cfg\?token=([0-9a-f]+)", script.text)
+    token = install_token_in(script.text)
     assert token
-    preseed = server.get(f"/preseed/{mac}/preseed.cfg", params={"token": token.group(1)})
+    preseed = server.get(f"/preseed/{mac}/preseed.cfg", params={"token": token})
     assert preseed.status_code == 200, preseed.text
     return server, script.text, preseed.text
 

@@ -33,18 +33,11 @@ def credentials_url(mac: str) -> str:
     return ROUTE.replace("{mac}", mac)
 
 
-def install_token(server: Server, mac: str) -> str:
-    script = server.get(f"/boot/{mac}/boot.ipxe").text
-    found = re.search(r"preseed\.cfg\?token=([0-9a-f]+)", script)
-    assert found, script
-    return found.group(1)
-
-
 def installed_node(server: Server, mac: str, workdir: Path) -> dict[str, str]:
     """Install ``mac`` to the end through the installer path; return the env its preseed wrote."""
     assert server.api("POST", "/api/v1/nodes", json={"mac": mac}).status_code == 201
     assert server.api("PUT", f"/api/v1/nodes/{mac}", json={"action": "install"}).status_code == 200
-    token = install_token(server, mac)
+    token = server.install_token(mac)
     preseed = server.get(f"/preseed/{mac}/preseed.cfg?token={token}")
     assert preseed.status_code == 200, preseed.text
     env = agent_env_from_preseed(preseed.text, workdir / f"debconf-{mac}")

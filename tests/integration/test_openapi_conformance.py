@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 import subprocess
 from importlib import resources
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import requests
 from openapi_schema_validator import OAS30Validator, oas30_format_checker
 
-from tests.conftest import ADMIN_TOKEN, SERVER_BIN, Server
+from tests.conftest import ADMIN_TOKEN, SERVER_BIN, Server, install_token_in
 
 SPEC: dict[str, Any] = json.loads(
     resources.files("nodefoundry_server.api").joinpath("openapi.json").read_text(encoding="utf-8")
@@ -122,12 +121,6 @@ def readonly_token(server: Server) -> str:
         timeout=60,
     )
     return done.stdout.strip()
-
-
-def install_token(script: str) -> str:
-    match = re.search(r"token=([0-9a-f]+)", script)
-    assert match, script
-    return match.group(1)
 
 
 # --- health and the document ------------------------------------------------------------------------
@@ -422,7 +415,8 @@ def test_install_path_with_token(server: Server) -> None:
     server.api("PUT", f"/api/v1/nodes/{MAC}", json={"action": "install"})
     script = server.get(f"/boot/{NORM}/boot.ipxe")
     conforms(script, "/boot/{mac}/boot.ipxe")
-    token = install_token(script.text)
+    token = install_token_in(script.text)
+    assert token, script.text
 
     preseed = server.get(f"/preseed/{NORM}/preseed.cfg?token={token}")
     conforms(preseed, preseed_template)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
+
+from tests.polling import wait_for
+
+WAIT_SECONDS = 30
 
 
 def children(pid: int) -> dict[int, str]:
@@ -29,34 +32,28 @@ def services_pid(server) -> int | None:
     return spawned[0] if spawned else None
 
 
-def wait_for(predicate, attempts: int = 300, delay: float = 0.1):
-    """Bounded polling (about 30 s); returns the first truthy value or None."""
-    for _ in range(attempts):
-        value = predicate()
-        if value:
-            return value
-        time.sleep(delay)
-    return None
-
-
 def watchdog_state(server) -> dict:
     return server.get("/health").json()["components"]["install_watchdog"]
 
 
 def test_services_process_reports_and_is_restarted_after_a_crash(server):
-    first = wait_for(lambda: services_pid(server))
-    assert first, children(server.process.pid)
-    assert wait_for(lambda: watchdog_state(server)["state"] == "ok")
+    first = wait_for(
+        lambda: services_pid(server),
+        WAIT_SECONDS,
+        "the services process",
+        details=lambda: str(children(server.process.pid)),
+    )
+    wait_for(lambda: watchdog_state(server)["state"] == "ok", WAIT_SECONDS, "the install watchdog to report ok")
     os.kill(first, signal.SIGKILL)
-    second = wait_for(lambda: (pid := services_pid(server)) and pid != first and pid)
-    assert second, "the services process was not restarted"
+    wait_for(
+        lambda: (pid := services_pid(server)) and pid != first and pid, WAIT_SECONDS, "a restarted services process"
+    )
     workers = [pid for pid, cmd in children(server.process.pid).items() if "nodefoundry-server run" in cmd]
     assert len(workers) == 2  # the HTTP workers were not disturbed
     assert server.get("/health").status_code == 200
 
 
 def test_stopping_the_server_stops_the_services_process(server):
-    pid = wait_for(lambda: services_pid(server))
-    assert pid
+    pid = wait_for(lambda: services_pid(server), WAIT_SECONDS, "the services process")
     server.stop()
-    assert wait_for(lambda: not Path(f"/proc/{pid}").exists())
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), WAIT_SECONDS, "the services process to exit")
