@@ -19,7 +19,7 @@ from ..boot import IPXE_ARCH_TO_DEBIAN, Urls
 from ..mqtt import credentials
 from ..nodes import EDITABLE, check_network
 from ..validate import InvalidValue
-from .common import ApiError, config, no_content, path_mac, store
+from .common import ApiError, config, no_content, path_mac, request_urls, store
 
 blueprint = Blueprint("boot", __name__)
 
@@ -32,18 +32,6 @@ AGENT_FILES = {
 
 def _text(body: str) -> Response:
     return Response(body, mimetype="text/plain")
-
-
-def request_urls() -> Urls:
-    """Base URL for generated links: NF_SERVER_ADDR, else the Host the node used."""
-    host = config().server_addr or request.headers.get("Host", "")  # as sent: werkzeug's request.host rewrites it
-    try:
-        name, _port = validate.host_port(host, "Host header", 80)
-    except InvalidValue as exc:
-        raise ApiError(400, str(exc)) from None
-    if not name or ":" in name:  # empty (unparseable Host) or IPv6: the installer path is IPv4
-        raise ApiError(400, "invalid Host header: nodes must reach the server by an IPv4 address or name")
-    return Urls(f"http://{host}")
 
 
 def _node_script(mac: str) -> str | None:

@@ -7,6 +7,7 @@ from typing import Any
 from flask import Response, current_app, g, jsonify, request
 
 from .. import auth, validate
+from ..boot import Urls
 from ..config import Config
 from ..store import Store
 from ..validate import InvalidValue
@@ -91,3 +92,15 @@ def int_arg(name: str, default: int | None, low: int, high: int) -> int | None:
     if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
         raise ApiError(400, f"invalid {name}: an integer from {low} to {high}")
     return int(raw)
+
+
+def request_urls() -> Urls:
+    """Base URL for generated links: NF_SERVER_ADDR, else the Host the node used."""
+    host = config().server_addr or request.headers.get("Host", "")  # as sent: werkzeug's request.host rewrites it
+    try:
+        name, _port = validate.host_port(host, "Host header", 80)
+    except InvalidValue as exc:
+        raise ApiError(400, str(exc)) from None
+    if not name or ":" in name:  # empty (unparseable Host) or IPv6: the installer path is IPv4
+        raise ApiError(400, "invalid Host header: nodes must reach the server by an IPv4 address or name")
+    return Urls(f"http://{host}")

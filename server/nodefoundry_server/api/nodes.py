@@ -11,8 +11,19 @@ from ..lifecycle import LifecycleError, NodeExists, NodeNotFound, TransitionRefu
 from ..mqtt import credentials
 from ..store import STATUSES
 from ..validate import InvalidValue
-from .boot import request_urls
-from .common import ApiError, actor, authenticate, challenge, config, int_arg, json_body, no_content, path_mac, store
+from .common import (
+    ApiError,
+    actor,
+    authenticate,
+    challenge,
+    config,
+    int_arg,
+    json_body,
+    no_content,
+    path_mac,
+    request_urls,
+    store,
+)
 from .openapi import document as openapi_document
 
 blueprint = Blueprint("nodes", __name__, url_prefix="/api/v1")
