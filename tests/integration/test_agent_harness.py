@@ -81,19 +81,27 @@ class Observer:
         self._lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"observer-{uuid.uuid4().hex[:8]}")
         self.client.reconnect_delay_set(0.1, 0.5)
+        self.subscriptions = 0  # SUBACKs so far: one per (re)connect
         self.client.on_connect = lambda client, *_: client.subscribe(f"node/{mac}/#", qos=1)
         self.client.on_message = self._received
-        subscribed = threading.Event()
-        self.client.on_subscribe = lambda *_: subscribed.set()
+        self.client.on_subscribe = self._subscribed
         if tls_ca:
             self.client.tls_set(ca_certs=str(tls_ca))
         self.client.connect("localhost" if tls_ca else "127.0.0.1", port)
         self.client.loop_start()
-        assert subscribed.wait(WAIT_SECONDS), "the observer could not subscribe"
+        self.wait_subscribed(after=0)
 
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+    def _subscribed(self, *_: Any) -> None:
+        with self._lock:
+            self.subscriptions += 1
+
+    def wait_subscribed(self, after: int) -> None:
+        """Until the observer has subscribed more than ``after`` times (again, after a broker restart)."""
+        wait_for(lambda: self.subscriptions > after, "the observer to subscribe")
 
     def _received(self, _client: mqtt.Client, _data: Any, message: mqtt.MQTTMessage) -> None:
         if message.topic.endswith("/command"):
@@ -209,6 +217,10 @@ class AgentProcess:
         assert self.process
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout=WAIT_SECONDS)
+
+    def signal(self, signum: int) -> None:
+        assert self.process
+        self.process.send_signal(signum)
 
     def kill(self) -> None:
         assert self.process

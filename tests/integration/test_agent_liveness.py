@@ -6,6 +6,7 @@ Every test runs twice: the package under the venv's Python (paho 2.x) and the zi
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -140,7 +141,13 @@ def test_a_result_finished_while_offline_is_delivered_after_reconnect(agents, ob
     wait_for(lambda: "lost the connection" in agent.output(), "the agent noticing the broker is gone")
     go.touch()
     wait_for(lambda: f"command {cmd_id} (exec) succeeded" in agent.output(), "the command finishing offline")
+    # The result is not retained and the restarted broker keeps no sessions: the observer must subscribe again
+    # before the agent reconnects and publishes it, so the agent is held (SIGSTOP) until then.
+    agent.signal(signal.SIGSTOP)
+    subscriptions = observer.subscriptions
     broker.start()
+    observer.wait_subscribed(after=subscriptions)
+    agent.signal(signal.SIGCONT)
     result = observer.final(cmd_id)
     assert result["state"] == "succeeded" and result["stdout"] == "went\n"
 
